@@ -1,0 +1,156 @@
+"""Artifact I/O: atomic writes, open formats, and a provenance sidecar for every artifact.
+
+Every artifact is written to a temporary file in the same directory and renamed into place, so a
+killed run never leaves a truncated file under the final name. Next to each artifact
+``X`` a sidecar ``X.prov.json`` records what made it: the rule, the config values used, the model
+and its weight hash, the code version, and the SHA-256 of each input file and of ``X`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+PROV_SUFFIX = ".prov.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupt, or does not match its recorded hash."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(_dumps(obj))
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame as CSV, atomically (floats with full precision)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.10g")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike):
+    """Read a JSON artifact; a missing or corrupt file raises :class:`ArtifactError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist: run the rule that makes it (snakemake {path})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(
+            f"{path} is corrupt ({exc}); delete it and rerun 'snakemake {path}'"
+        ) from exc
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> dict:
+    """Package version and, when run from a git checkout, the commit and whether the tree is dirty."""
+    from . import __version__
+
+    info = {"package": "mechrepro", "version": __version__, "git_commit": None, "git_dirty": None}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                                    capture_output=True, text=True, timeout=10)
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def provenance(
+    rule: str,
+    config: dict,
+    inputs: Iterable[str | os.PathLike] = (),
+    model: dict | None = None,
+) -> dict:
+    """Provenance record of an artifact made by ``rule`` from ``inputs`` with ``config``."""
+    return {
+        "rule": rule,
+        "config": config,
+        "model": None if model is None else {
+            "name": model.get("name"), "weight_sha256": model.get("weight_sha256"),
+            "description": model.get("description"),
+        },
+        "code": code_version(),
+        "inputs": {str(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+    }
+
+
+def write_provenance(path: str | os.PathLike, prov: dict) -> Path:
+    """Write the sidecar of artifact ``path`` (after the artifact itself)."""
+    record = dict(prov, artifact=str(path), sha256=sha256_file(path))
+    return write_json(str(path) + PROV_SUFFIX, record)
+
+
+def save_json(path: str | os.PathLike, obj, prov: dict) -> Path:
+    """Write a JSON artifact and its provenance sidecar."""
+    write_json(path, obj)
+    write_provenance(path, prov)
+    return Path(path)
+
+
+def save_csv(path: str | os.PathLike, frame, prov: dict) -> Path:
+    """Write a CSV artifact and its provenance sidecar."""
+    write_csv(path, frame)
+    write_provenance(path, prov)
+    return Path(path)
