@@ -194,16 +194,14 @@ def count_edges(circuit: dict, restore: Sequence[str] | str | None = None) -> se
 
     An edge joins every sender head at each of its kept positions to every receiver head of the
     class it feeds (:data:`EDGE_TYPES`). Restoring the IO tokens adds the edges of the duplicate,
-    induction and previous-token heads at the IO positions.
+    induction and previous-token heads at the IO positions (``restore``: tokens from S2, IO2, IO3;
+    "all positions" is counted as all three name tokens present in the prompt).
     """
     classes = {c: [tuple(hd) for hd in circuit["classes"].get(c, [])] for c in CLASSES}
     edges = set()
     for src, dst, kind in EDGE_TYPES:
         if restore is not None and src in ("induction", "duplicate_token", "previous_token"):
-            if restore == "all":
-                positions = ["all"]
-            else:
-                positions = [RESTORE_ROLES[t][1 if src == "previous_token" else 0] for t in restore]
+            positions = sorted({RESTORE_ROLES[t][1 if src == "previous_token" else 0] for t in restore})
         else:
             positions = KEPT_POSITIONS[src]
         receivers = ["logits"] if dst == "logits" else classes[dst]

@@ -1,0 +1,21 @@
+# mechrepro workflow: `snakemake all` regenerates every figure, the metrics and the scorecard.
+# Config: config/config.yaml (validated against config/schema.yaml by workflow/rules/common.smk).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/ioi.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/scorecard.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

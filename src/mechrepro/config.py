@@ -1,0 +1,133 @@
+"""Configuration: dotted overrides, schema validation with readable errors, and early checks.
+
+Everything a run will need from the config is checked here, before any model is loaded: the
+schema (key names, types, allowed values), the model name, the device, and the IOI prompt
+material. Errors name the key and say what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and how to fix it."""
+
+
+def apply_dotted(config: dict) -> dict:
+    """Turn flat ``"a.b": v`` keys (from ``snakemake --config a.b=v``) into nested values."""
+    out = copy.deepcopy({k: v for k, v in config.items() if "." not in k})
+    for key, value in config.items():
+        if "." not in key:
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"config override '{key}': '{part}' is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def _schema_at(schema: dict, path: list) -> dict:
+    node = schema
+    for part in path:
+        if isinstance(part, int):
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(part, {})
+    return node
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        node = _schema_at(schema, list(error.absolute_path))
+        allowed = ", ".join(node.get("properties", {}))
+        extra = sorted(set(error.instance) - set(node.get("properties", {})))
+        prefix = f"{where}." if error.absolute_path else ""
+        return (f"unknown config key {', '.join(repr(prefix + e) for e in extra)}; "
+                f"allowed keys{' under ' + where if error.absolute_path else ''}: {allowed}")
+    if error.validator == "enum":
+        return f"config key '{where}' is {error.instance!r}; allowed values: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "type":
+        return f"config key '{where}' is {error.instance!r} ({type(error.instance).__name__}); it must be of type {error.validator_value}"
+    if error.validator in ("minimum", "maximum"):
+        op = ">=" if error.validator == "minimum" else "<="
+        return f"config key '{where}' is {error.instance!r}; it must be {op} {error.validator_value}"
+    if error.validator == "required":
+        return f"config section '{where}' is missing a key: {error.message}"
+    return f"config key '{where}': {error.message}"
+
+
+def validate(config: dict, root: str | Path = ".") -> dict:
+    """Validate ``config`` (after dotted overrides) and return it; raise :class:`ConfigError`."""
+    from .registry import ModelUnavailableError, check_name
+
+    config = apply_dotted(config)
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(_describe(e, schema) for e in errors))
+    try:
+        check_name(config["model"]["name"])
+    except ModelUnavailableError as exc:
+        raise ConfigError(str(exc)) from exc
+    resolve_device(config["model"]["device"])
+    data_path = Path(root) / config["ioi"]["data_file"]
+    load_ioi_data(data_path)
+    return config
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a :class:`ConfigError`."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'model.device' is 'cuda' but no CUDA device is available; "
+                          "use 'cpu' or 'auto'")
+    return device
+
+
+def load_ioi_data(path: str | Path) -> dict:
+    """Read and check the IOI prompt material (templates, names, places, objects)."""
+    from .ioi import DatasetError, check_template
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config key 'ioi.data_file': {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    for key in ("templates", "variant_sentences", "names", "places", "objects"):
+        if not isinstance(data, dict) or not data.get(key):
+            raise ConfigError(f"{path}: the key '{key}' is missing or empty")
+    try:
+        for i, t in enumerate(data["templates"]):
+            check_template(t, i)
+    except DatasetError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    for variant, sentences in data["variant_sentences"].items():
+        for s in sentences:
+            if "{IO}" not in s:
+                raise ConfigError(f"{path}: variant '{variant}' sentence '{s}' must contain {{IO}}")
+    return data
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply ``overrides`` (dotted keys allowed) and validate it."""
+    path = Path(path)
+    config = yaml.safe_load(path.read_text())
+    if overrides:
+        config = {**config, **overrides}
+    return validate(config, root=path.resolve().parent.parent)

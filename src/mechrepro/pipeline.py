@@ -1,0 +1,52 @@
+"""Facts about the workflow shared by the Snakefile, the DVC generator and the audit.
+
+``RULE_CONFIG`` lists, for each rule, the config keys it reads. Snakemake receives them as the
+rule's ``params`` (a change reruns the rule and what depends on it) and ``dvc.yaml`` declares them
+as the stage's ``params`` — the same list, so the two DAGs rerun the same stages.
+"""
+
+from __future__ import annotations
+
+RESULTS = "results/ioi_generalization"
+FIGURES = "figures/ioi_generalization"
+
+RULE_CONFIG: dict[str, list[str]] = {
+    "prepare_model": ["seed", "model.name"],
+    "ioi_dataset": ["seed", "ioi"],
+    "ioi_inference": ["model", "ioi"],
+    "ioi_circuit": ["seed", "model", "circuit"],
+    "ioi_evaluate": ["model", "ablation", "ioi"],
+    "ioi_value_paths": ["model", "circuit", "value_paths"],
+    "ioi_metrics": ["model.name"],
+    "ioi_figure": ["figures"],
+    "scorecard": ["model.name"],
+}
+
+# Figure notebooks of Study A: name -> variants whose artifacts it needs (besides metrics.json).
+IOI_FIGURES: dict[str, list[str]] = {
+    "circuit_discovery": [],
+    "table1_faithfulness": [],
+    "fig2_attention_shift": ["double_io"],
+    "fig3_sinh_attention": ["double_io"],
+    "fig4_confidence_ratio": ["double_io"],
+    "fig5_restored_paths": ["double_io"],
+    "fig6_value_paths": [],
+    "fig8_name_order": [],
+}
+
+
+def get_key(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def rule_config(rule: str, config: dict) -> dict:
+    """The config values ``rule`` reads, as a flat ``{dotted key: value}`` dict."""
+    return {key: get_key(config, key) for key in RULE_CONFIG[rule]}
+
+
+def figures_for(variants: list[str]) -> list[str]:
+    """Study A figures that the configured variants allow."""
+    return [f for f, need in IOI_FIGURES.items() if all(v in variants for v in need)]

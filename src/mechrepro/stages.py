@@ -1,0 +1,222 @@
+"""One function per Snakemake rule: read the config and inputs, call the library, write artifacts.
+
+Each function takes the ``snakemake`` object of a ``script:`` rule (``config``, ``input``,
+``output``, ``wildcards``, ``log``, ``rule``). ``workflow/scripts/stage.py`` dispatches on the rule
+name. Every artifact gets a provenance sidecar (see :mod:`mechrepro.artifacts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from . import artifacts as art
+from .config import load_ioi_data, resolve_device
+from .pipeline import rule_config
+
+log = logging.getLogger("mechrepro")
+
+
+def _setup(snk) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if snk.log:
+        Path(snk.log[0]).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(snk.log[0], mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    torch.manual_seed(snk.config["seed"])
+    torch.set_num_threads(max(1, getattr(snk, "threads", 2) or 2))
+
+
+def _prov(snk, model: dict | None = None) -> dict:
+    return art.provenance(snk.rule, rule_config(snk.rule, snk.config), list(snk.input), model)
+
+
+def _model(snk):
+    from .registry import load_model
+
+    device = resolve_device(snk.config["model"]["device"])
+    t = time.time()
+    lm = load_model(Path(snk.input.manifest).parent, device=device)
+    log.info("loaded %s in %.1fs", lm.description(), time.time() - t)
+    return lm
+
+
+def _batch(path: str, lm, n: int | None = None):
+    from .ioi import to_batch
+
+    ds = art.read_json(path)
+    if n is not None:
+        ds = dict(ds, prompts=ds["prompts"][:n])
+    return ds, to_batch(ds, lm.bos_id)
+
+
+def prepare_model(snk) -> None:
+    from .registry import prepare_model as prep
+
+    _setup(snk)
+    name = snk.config["model"]["name"]
+    t = time.time()
+    manifest = prep(name, Path(snk.output.manifest).parent, seed=snk.config["seed"])
+    log.info("prepared %s (%s) in %.1fs, weights sha256 %s", name, manifest["description"], time.time() - t,
+             manifest["weight_sha256"][:16])
+    art.write_provenance(snk.output.manifest, _prov(snk, manifest))
+
+
+def ioi_dataset(snk) -> None:
+    from .ioi import make_dataset
+    from .registry import load_model
+
+    _setup(snk)
+    cfg = snk.config["ioi"]
+    data = load_ioi_data(snk.input.data)
+    lm = load_model(Path(snk.input.manifest).parent)
+    ds = make_dataset(data, snk.wildcards.variant, cfg["n_prompts"], lm.tokenizer, lm.bos_id, snk.config["seed"],
+                      min_names=cfg["min_single_token_names"])
+    ds["model"] = lm.name
+    log.info("%s: %d prompts, %d single-token names, e.g. %r", snk.wildcards.variant, ds["n"], len(ds["names"]),
+             ds["prompts"][0]["text"])
+    art.save_json(snk.output[0], ds, _prov(snk, lm.manifest))
+
+
+def ioi_inference(snk) -> None:
+    from .patching import ioi_metrics, run_end_logits
+
+    _setup(snk)
+    lm = _model(snk)
+    ds, batch = _batch(snk.input.data, lm)
+    with torch.no_grad():
+        logits, _ = run_end_logits(lm.model, batch.tokens, batch.pos["END"], batch_size=snk.config["model"]["batch_size"])
+    m = ioi_metrics(logits, batch.io, batch.s)
+    frame = pd.DataFrame({"prompt": range(len(batch)), "order": batch.order, "template": batch.template.tolist(),
+                          "ld": m["ld"].tolist(), "correct": m["correct"].tolist(), "p_io": m["p_io"].tolist()})
+    summary = {"variant": snk.wildcards.variant, "model": lm.name, "n": len(batch),
+               "pooled": {"ld": frame.ld.mean(), "accuracy": frame.correct.mean(), "p_io": frame.p_io.mean()},
+               "by_order": {o: {"ld": g.ld.mean(), "accuracy": g.correct.mean(), "p_io": g.p_io.mean(), "n": len(g)}
+                            for o, g in frame.groupby("order")}}
+    log.info("%s: LD %.3f, accuracy %.3f, P(IO) %.3f", snk.wildcards.variant, *summary["pooled"].values())
+    prov = _prov(snk, lm.manifest)
+    art.save_csv(snk.output.csv, frame, prov)
+    art.save_json(snk.output.json, summary, prov)
+
+
+def _reference() -> dict:
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "reference" / "published.yaml").read_text())
+
+
+def ioi_circuit(snk) -> None:
+    from .circuit import CLASSES, discover
+
+    _setup(snk)
+    cfg = snk.config["circuit"]
+    name = snk.config["model"]["name"]
+    source = cfg["source"]
+    if source == "auto":
+        source = "reference" if name == "gpt2" else "discover"
+    manifest = art.read_json(snk.input.manifest)
+    if source == "reference":
+        if name != "gpt2":
+            raise ValueError("circuit.source 'reference' is Wang et al.'s GPT-2 small circuit; it needs model.name gpt2")
+        classes = yaml.safe_load(Path(snk.input.reference).read_text())["study_a"]["wang_circuit"]
+        circuit = {"source": "reference", "method": "Wang et al. 2022", "classes": classes, "scores": {}}
+    else:
+        lm = _model(snk)
+        ds, batch = _batch(snk.input.data, lm, cfg["n_prompts"])
+        t = time.time()
+        circuit = discover(lm.model, batch, {**cfg, "batch_size": snk.config["model"]["batch_size"]}, progress=log.info)
+        log.info("discovery took %.1fs", time.time() - t)
+    circuit["model"] = manifest["name"]
+    circuit["classes"] = {c: circuit["classes"].get(c, []) for c in CLASSES}
+    circuit["n_heads"] = len({tuple(h) for v in circuit["classes"].values() for h in v})
+    rows = [dict(step=step, **r) for step, lst in circuit.pop("scores").items() for r in lst]
+    log.info("circuit (%d heads): %s", circuit["n_heads"],
+             {c: [f"{l}.{h}" for l, h in v] for c, v in circuit["classes"].items()})
+    prov = _prov(snk, manifest)
+    art.save_json(snk.output.circuit, circuit, prov)
+    art.save_csv(snk.output.scores, pd.DataFrame(rows, columns=["step", "layer", "head", "effect", "attribution"]), prov)
+
+
+def ioi_evaluate(snk) -> None:
+    from .ioi_analysis import evaluate_variant
+
+    _setup(snk)
+    lm = _model(snk)
+    ds, batch = _batch(snk.input.data, lm)
+    circuit = art.read_json(snk.input.circuit)
+    with torch.no_grad():
+        summary, per_prompt, attention, example = evaluate_variant(
+            lm.model, batch, circuit, snk.wildcards.variant, snk.config["model"]["batch_size"], progress=log.info)
+    example["token_strings"] = [lm.tokenizer.decode([t]) for t in example.get("tokens", [])]
+    summary["example_attention"] = example
+    summary["model"] = lm.name
+    log.info("%s: model LD %.3f, circuit LD %.3f, faithfulness %.3f", snk.wildcards.variant, summary["model_ld"],
+             summary["circuit_ld"], summary["faithfulness"])
+    prov = _prov(snk, lm.manifest)
+    art.save_json(snk.output.summary, summary, prov)
+    art.save_csv(snk.output.prompts, per_prompt, prov)
+    art.save_csv(snk.output.attention, attention, prov)
+
+
+def ioi_value_paths(snk) -> None:
+    from .ioi_analysis import value_paths
+
+    _setup(snk)
+    lm = _model(snk)
+    circuit = art.read_json(snk.input.circuit)
+    cfg = {**snk.config["value_paths"], "batch_size": snk.config["model"]["batch_size"],
+           "max_rows": snk.config["circuit"]["max_rows"]}
+    frames = []
+    for path in snk.input.data:
+        variant = Path(path).stem
+        ds, batch = _batch(path, lm, cfg["n_prompts"])
+        for role in (["S2", "IO2"] if variant == "double_io" else ["S2"]):
+            df = value_paths(lm.model, batch, circuit, role, cfg, progress=log.info)
+            df.insert(0, "variant", variant)
+            frames.append(df)
+    art.save_csv(snk.output[0], pd.concat(frames, ignore_index=True), _prov(snk, lm.manifest))
+
+
+def ioi_metrics(snk) -> None:
+    _setup(snk)
+    circuit = art.read_json(snk.input.circuit)
+    evals = {Path(p).stem: art.read_json(p) for p in snk.input.evals}
+    keys = ("model_ld", "circuit_ld", "faithfulness", "accuracy", "p_io", "n")
+    metrics = {
+        "model": circuit["model"],
+        "n_prompts": snk.config["ioi"]["n_prompts"],
+        "variants": {v: {k: e[k] for k in keys} for v, e in evals.items()},
+        "circuit": {"n_heads": circuit["n_heads"], "source": circuit["source"], "classes": circuit["classes"]},
+        "restored": {v: {k: r["ld"] for k, r in e["restored"].items()} for v, e in evals.items() if e["restored"]},
+        "restored_faithfulness": {v: {k: r["faithfulness"] for k, r in e["restored"].items()}
+                                  for v, e in evals.items() if e["restored"]},
+        "table2": {v: _table2_row(v, e) for v, e in evals.items()},
+        "by_order": {v: e["by_order"] for v, e in evals.items()},
+    }
+    art.save_json(snk.output[0], metrics, _prov(snk))
+
+
+def _table2_row(variant: str, e: dict) -> dict:
+    """Table 2: the circuit with the IO-duplicate paths added (all name tokens restored)."""
+    key = {"double_io": "s2_io2", "triple_io": "s2_io2_io3"}.get(variant)
+    if key is None:
+        return {"nodes": e["nodes"], "edges": e["edges"], "edge_overlap": 1.0, "model_ld": e["model_ld"],
+                "circuit_ld": e["circuit_ld"], "faithfulness": e["faithfulness"]}
+    r = e["restored"][key]
+    return {"nodes": e["nodes"], "edges": r["edges"], "edge_overlap": r["edge_overlap_with_base"],
+            "model_ld": e["model_ld"], "circuit_ld": r["ld"], "faithfulness": r["faithfulness"]}
+
+
+def scorecard(snk) -> None:
+    from .scorecard import build, to_markdown
+
+    _setup(snk)
+    rows = build(snk.input.reference, {"study_a": snk.input.metrics_a})
+    prov = _prov(snk)
+    art.save_json(snk.output.json, {"rows": rows}, prov)
+    art.write_text(snk.output.md, to_markdown(rows))
+    art.write_provenance(snk.output.md, prov)

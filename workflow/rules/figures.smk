@@ -1,0 +1,41 @@
+# One papermill notebook per figure. Notebooks only read artifacts and draw.
+
+
+rule ioi_figure:
+    input:
+        notebook="notebooks/ioi_generalization/{fig}.ipynb",
+        metrics=f"{RESULTS}/metrics.json",
+        circuit=f"{RESULTS}/circuit.json",
+        scores=f"{RESULTS}/circuit_scores.csv",
+        value_paths=f"{RESULTS}/value_paths.csv",
+        evals=expand(f"{RESULTS}/eval/{{variant}}.json", variant=VARIANTS),
+        attention=expand(f"{RESULTS}/eval/{{variant}}_attention.csv", variant=VARIANTS),
+        prompts=expand(f"{RESULTS}/eval/{{variant}}_prompts.csv", variant=VARIANTS),
+    output:
+        png=report(
+            f"{FIGURES}/{{fig}}.png",
+            caption="../report/figure.rst",
+            category="Study A: IOI circuit generalization",
+        ),
+        csv=f"{FIGURES}/{{fig}}.csv",
+        notebook="results/notebooks/{fig}.ipynb",
+    params:
+        cfg=cfg("ioi_figure"),
+        results=lambda w: os.path.abspath(RESULTS),
+        figures=lambda w: os.path.abspath(FIGURES),
+        dpi=config["figures"]["dpi"],
+        samples=config["figures"]["n_attention_samples"],
+    log:
+        "logs/ioi_figure/{fig}.log",
+    benchmark:
+        "results/benchmarks/ioi_figure/{fig}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    shell:
+        "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
+        "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.fig} "
+        "-p dpi {params.dpi} -p n_samples {params.samples} > {log} 2>&1"
