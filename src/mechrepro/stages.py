@@ -186,9 +186,13 @@ def ioi_metrics(snk) -> None:
     circuit = art.read_json(snk.input.circuit)
     evals = {Path(p).stem: art.read_json(p) for p in snk.input.evals}
     keys = ("model_ld", "circuit_ld", "faithfulness", "accuracy", "p_io", "n")
+    manifest = art.read_json(snk.input.manifest)
     metrics = {
         "model": circuit["model"],
+        "model_description": manifest["description"],
         "n_prompts": snk.config["ioi"]["n_prompts"],
+        "circuit_method": circuit["method"],
+        "ablation": snk.config["ablation"],
         "variants": {v: {k: e[k] for k in keys} for v, e in evals.items()},
         "circuit": {"n_heads": circuit["n_heads"], "source": circuit["source"], "classes": circuit["classes"]},
         "restored": {v: {k: r["ld"] for k, r in e["restored"].items()} for v, e in evals.items() if e["restored"]},
@@ -197,7 +201,7 @@ def ioi_metrics(snk) -> None:
         "table2": {v: _table2_row(v, e) for v, e in evals.items()},
         "by_order": {v: e["by_order"] for v, e in evals.items()},
     }
-    art.save_json(snk.output[0], metrics, _prov(snk))
+    art.save_json(snk.output[0], metrics, _prov(snk, manifest))
 
 
 def _table2_row(variant: str, e: dict) -> dict:

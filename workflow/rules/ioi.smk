@@ -124,6 +124,7 @@ rule ioi_value_paths:
 
 rule ioi_metrics:
     input:
+        manifest=MANIFEST,
         circuit=f"{RESULTS}/circuit.json",
         evals=expand(f"{RESULTS}/eval/{{variant}}.json", variant=VARIANTS),
         inference=expand(f"{RESULTS}/inference/{{variant}}.json", variant=VARIANTS),
