@@ -17,5 +17,11 @@ include: "workflow/rules/scorecard.smk"
 
 rule all:
     input:
-        all_outputs(),
+        all_outputs(config),
     default_target: True
+
+
+onsuccess:
+    # Record the artifacts' hashes in dvc.lock, so that `dvc status` / `dvc repro` see what
+    # Snakemake built. Skipped when --config/--configfile overrides make config.yaml untrue.
+    record_in_dvc(workflow.config_settings)

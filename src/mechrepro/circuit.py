@@ -128,8 +128,8 @@ def discover(model: Transformer, batch: Batch, cfg: dict, progress: Callable[[st
     s_inh = step("name_mover_queries", [(l, h, "q") for l, h in nm], "END", th["s_inhibition"],
                  mx["s_inhibition"])
     # 3. heads -> S-inhibition values at S2, split into induction / duplicate-token by attention
-    dup_ind = step("s_inhibition_values", [(l, h, "v") for l, h in s_inh], "S2", th["induction"],
-                   mx["induction"] + mx["duplicate_token"])
+    dup_ind = step("s_inhibition_values", [(l, h, "v") for l, h in s_inh], "S2",
+                   min(th["induction"], th["duplicate_token"]), len(all_heads))
     induction, duplicate = [], []
     s2, s1, s1p = batch.pos["S2"], batch.pos["S1"], batch.pos["S1+1"]
     attn_stats = {}
@@ -138,7 +138,9 @@ def discover(model: Transformer, batch: Batch, cfg: dict, progress: Callable[[st
         a_s1, a_s1p = pat[rows, s1].mean().item(), pat[rows, s1p].mean().item()
         attn_stats[f"{l}.{h}"] = {"S2->S1": a_s1, "S2->S1+1": a_s1p}
         (duplicate if a_s1 >= a_s1p else induction).append((l, h))
-    induction, duplicate = induction[: mx["induction"]], duplicate[: mx["duplicate_token"]]
+    effect3 = {(r["layer"], r["head"]): r["effect"] for r in scores["s_inhibition_values"]}
+    induction = [hd for hd in induction if -effect3[hd] >= th["induction"]][: mx["induction"]]
+    duplicate = [hd for hd in duplicate if -effect3[hd] >= th["duplicate_token"]][: mx["duplicate_token"]]
     # 4. heads -> induction keys at S1+1
     prev = step("induction_keys", [(l, h, "k") for l, h in induction], "S1+1", th["previous_token"],
                 mx["previous_token"])
@@ -201,7 +203,8 @@ def count_edges(circuit: dict, restore: Sequence[str] | str | None = None) -> se
     edges = set()
     for src, dst, kind in EDGE_TYPES:
         if restore is not None and src in ("induction", "duplicate_token", "previous_token"):
-            positions = sorted({RESTORE_ROLES[t][1 if src == "previous_token" else 0] for t in restore})
+            tokens = list(RESTORE_ROLES) if restore == "all" else restore
+            positions = sorted({RESTORE_ROLES[t][1 if src == "previous_token" else 0] for t in tokens})
         else:
             positions = KEPT_POSITIONS[src]
         receivers = ["logits"] if dst == "logits" else classes[dst]

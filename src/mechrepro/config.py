@@ -62,17 +62,43 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     if error.validator in ("minimum", "maximum"):
         op = ">=" if error.validator == "minimum" else "<="
         return f"config key '{where}' is {error.instance!r}; it must be {op} {error.validator_value}"
+    if error.validator == "contains":
+        return f"config key '{where}' is {error.instance!r}; it must include {error.validator_value.get('const')!r}"
     if error.validator == "required":
         return f"config section '{where}' is missing a key: {error.message}"
     return f"config key '{where}': {error.message}"
+
+
+def coerce(value, schema: dict):
+    """Convert strings to the schema's number/boolean type where they parse cleanly.
+
+    ``snakemake --config 'ioi={n_prompts: 100}'`` delivers nested values as strings.
+    """
+    kind = schema.get("type")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return {k: coerce(v, props.get(k, {})) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce(v, schema.get("items", {})) for v in value]
+    if isinstance(value, str):
+        try:
+            if kind == "integer":
+                return int(value)
+            if kind == "number":
+                return float(value)
+        except ValueError:
+            return value
+        if kind == "boolean" and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    return value
 
 
 def validate(config: dict, root: str | Path = ".") -> dict:
     """Validate ``config`` (after dotted overrides) and return it; raise :class:`ConfigError`."""
     from .registry import ModelUnavailableError, check_name
 
-    config = apply_dotted(config)
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    config = coerce(apply_dotted(config), schema)
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(_describe(e, schema) for e in errors))
@@ -128,6 +154,9 @@ def load(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a YAML config file, apply ``overrides`` (dotted keys allowed) and validate it."""
     path = Path(path)
     config = yaml.safe_load(path.read_text())
-    if overrides:
-        config = {**config, **overrides}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
     return validate(config, root=path.resolve().parent.parent)

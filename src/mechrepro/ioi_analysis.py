@@ -150,7 +150,7 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
     spec = model.spec
     s_inh = [tuple(x) for x in circuit["classes"].get("s_inhibition", [])]
     if not s_inh:
-        return pd.DataFrame(columns=["source", "layer", "head", "class", "attribution", "effect_pct"])
+        return pd.DataFrame(columns=["source", "layer", "head", "class", "attribution_pct", "effect_pct"])
     end, pos = batch.pos["END"], batch.pos[source_role]
     names = [f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)] + \
             [f"blocks.{l}.hook_resid_pre" for l in range(spec.n_layers)]

@@ -299,6 +299,9 @@ class Transformer(nn.Module):
         G = getattr(cfg, "num_key_value_heads", None) or H
         e = getattr(cfg, "head_dim", None) or d // H
         has_bias = "model.layers.0.self_attn.q_proj.bias" in sd
+        unsupported = [k for k in sd if k.endswith(("o_proj.bias", "gate_proj.bias", "up_proj.bias", "down_proj.bias"))]
+        if unsupported:
+            raise NotImplementedError(f"output/MLP biases are not supported (found {unsupported[0]})")
         spec = ModelSpec("llama", cfg.num_hidden_layers, H, G, d, e, cfg.intermediate_size,
                          cfg.vocab_size, cfg.rms_norm_eps, qkv_bias=has_bias)
         p: dict[str, Tensor] = {"W_E": sd["model.embed_tokens.weight"]}

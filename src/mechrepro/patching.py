@@ -212,9 +212,11 @@ def path_patch_attribution(model: Transformer, tokens: Tensor, end: Tensor, io: 
     hooks = {}
     for (l, kind) in by_key:
         def fn(x: Tensor, l=l, kind=kind) -> Tensor:
-            leaf = x.detach().requires_grad_(True)
+            # add a zero leaf rather than detaching x: gradients of earlier receivers must still
+            # flow through this layer's inputs
+            leaf = torch.zeros_like(x, requires_grad=True)
             leaves[(l, kind)] = leaf
-            return leaf
+            return x + leaf
         hooks[f"blocks.{l}.attn.hook_{kind}_input"] = fn
     with torch.enable_grad():
         logits = model(tokens, hooks=hooks, logits_at=end, start_layer=start,

@@ -35,6 +35,42 @@ IOI_FIGURES: dict[str, list[str]] = {
 }
 
 
+def model_dir(name: str) -> str:
+    """Directory of a prepared model (hub ids become file-system safe names)."""
+    safe = name.replace("/", "--").replace(":", "_")
+    return f"resources/models/{safe}"
+
+
+def all_outputs(config: dict) -> list[str]:
+    """Targets of ``rule all``: every figure, the metrics and the scorecard."""
+    figs = [f"{FIGURES}/{fig}.png" for fig in figures_for(config["ioi"]["variants"])]
+    return figs + [f"{RESULTS}/metrics.json", "results/scorecard.md"]
+
+
+def record_in_dvc(config_settings) -> None:
+    """After a successful ``snakemake`` run: record the artifacts' hashes in ``dvc.lock``.
+
+    Skipped when ``--config`` or ``--configfile`` overrides make config/config.yaml untrue (DVC
+    reads its params from that file), or where DVC is not set up.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    if not os.path.isdir(".dvc") or shutil.which("dvc") is None:
+        return
+    extra_files = [f for f in (config_settings.configfiles or []) if not str(f).endswith("config/config.yaml")]
+    if config_settings.config or extra_files:
+        print("dvc.lock not updated: this run used config overrides (DVC reads config/config.yaml)")
+        return
+    done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if done.returncode == 0:
+        print("dvc.lock updated with the hashes of the artifacts")
+    else:
+        print("dvc.lock not updated (run 'dvc commit' after a complete run):", done.stderr.strip()[-300:])
+
+
 def get_key(config: dict, dotted: str):
     node = config
     for part in dotted.split("."):

@@ -105,10 +105,6 @@ def ioi_inference(snk) -> None:
     art.save_json(snk.output.json, summary, prov)
 
 
-def _reference() -> dict:
-    return yaml.safe_load((Path(__file__).resolve().parents[2] / "reference" / "published.yaml").read_text())
-
-
 def ioi_circuit(snk) -> None:
     from .circuit import CLASSES, discover
 

@@ -1,11 +1,11 @@
-# Shared setup: config validation (before any rule runs), paths, and helper functions.
+# Shared setup: config validation (before any rule runs) and paths.
 import os
 import sys
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from mechrepro.config import ConfigError, validate
-from mechrepro.pipeline import FIGURES, RESULTS, figures_for, rule_config
+from mechrepro.pipeline import FIGURES, RESULTS, all_outputs, model_dir, record_in_dvc, rule_config
 
 try:
     _validated = validate(dict(config), root=workflow.basedir)
@@ -15,18 +15,10 @@ config.clear()
 config.update(_validated)
 
 VARIANTS = config["ioi"]["variants"]
-MODEL_DIR = "resources/models/" + config["model"]["name"].replace("/", "--").replace(":", "_")
-MANIFEST = f"{MODEL_DIR}/manifest.json"
+MANIFEST = f"{model_dir(config['model']['name'])}/manifest.json"
 ENV = "../../env.yml"
 
 
 def cfg(rule):
-    """The config values a rule reads (its params: a change reruns the rule)."""
+    """Config values read by a rule, as its params (changing one reruns the rule)."""
     return lambda wildcards: rule_config(rule, config)
-
-
-def all_outputs():
-    return (
-        expand(f"{FIGURES}/{{fig}}.png", fig=figures_for(VARIANTS))
-        + [f"{RESULTS}/metrics.json", "results/scorecard.md"]
-    )

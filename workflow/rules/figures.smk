@@ -4,6 +4,7 @@
 rule ioi_figure:
     input:
         notebook="notebooks/ioi_generalization/{fig}.ipynb",
+        plotting="src/mechrepro/plotting.py",
         metrics=f"{RESULTS}/metrics.json",
         circuit=f"{RESULTS}/circuit.json",
         scores=f"{RESULTS}/circuit_scores.csv",
