@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -11,6 +13,7 @@ from mechrepro.patching import ioi_metrics, run_end_logits
 from mechrepro.registry import load_model, prepare_model
 
 pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[1] / "config" / "ioi_data.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def smollm2(tmp_path_factory):
 
 
 def test_default_model_does_ioi(smollm2):
-    data = yaml.safe_load(open("config/ioi_data.yaml"))
+    data = yaml.safe_load(DATA.read_text())
     ds = make_dataset(data, "base", 8, smollm2.tokenizer, smollm2.bos_id, seed=0)
     batch = to_batch(ds, smollm2.bos_id)
     with torch.no_grad():

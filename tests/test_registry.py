@@ -110,3 +110,34 @@ def test_state_dict_hash_sensitive_to_weights(prepared):
     with torch.no_grad():
         lm.model.p("blocks.0.W_Q")[0, 0, 0] += 1e-3
     assert R.state_dict_sha256(lm.model) != h
+
+
+def test_hf_name_loads_through_the_hub_path(tmp_path):
+    """`hf:<id>` goes through the hub loading code; a local directory stands in for the hub here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mechrepro.registry import gpt2_tokenizer, load_model, prepare_model
+
+    src = tmp_path / "fake_hub_model"
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50257, n_positions=32)).save_pretrained(src)
+    gpt2_tokenizer().save_pretrained(src)
+    manifest = prepare_model(f"hf:{src}", tmp_path / "prepared")
+    assert manifest["source"] == {"kind": "hub", "repo_id": str(src)}
+    assert manifest["files"] == {}
+    lm = load_model(tmp_path / "prepared")
+    assert lm.model.spec.n_layers == 1 and lm.bos_id == 50256
+
+
+def test_unreachable_hub_model_fails_fast_with_instructions(tmp_path, monkeypatch):
+    import time
+
+    from mechrepro.registry import ModelUnavailableError, prepare_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    with pytest.raises(ModelUnavailableError) as err:
+        prepare_model("hf:nobody/no-such-model-xyz", tmp_path / "m")
+    assert time.time() - t < 30
+    msg = str(err.value)
+    assert "HF_HOME" in msg and "smollm2-135m" in msg and "nobody/no-such-model-xyz" in msg

