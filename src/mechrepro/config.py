@@ -93,12 +93,25 @@ def coerce(value, schema: dict):
     return value
 
 
-def validate(config: dict, root: str | Path = ".") -> dict:
-    """Validate ``config`` (after dotted overrides) and return it; raise :class:`ConfigError`."""
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def validate(config: dict, root: str | Path = ".", cli_overrides: dict | None = None) -> dict:
+    """Validate ``config`` (after dotted overrides) and return it; raise :class:`ConfigError`.
+
+    ``cli_overrides`` are the ``snakemake --config`` values: Snakemake parses values nested in a
+    mapping as strings, so these (and only these) are converted to the schema's types first.
+    """
     from .registry import ModelUnavailableError, check_name
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    config = coerce(apply_dotted(config), schema)
+    config = apply_dotted(config)
+    if cli_overrides:
+        config = _merge(config, coerce(cli_overrides, schema))
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(_describe(e, schema) for e in errors))
@@ -153,10 +166,5 @@ def load_ioi_data(path: str | Path) -> dict:
 def load(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a YAML config file, apply ``overrides`` (dotted keys allowed) and validate it."""
     path = Path(path)
-    config = yaml.safe_load(path.read_text())
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
+    config = apply_dotted(_merge(yaml.safe_load(path.read_text()), overrides or {}))
     return validate(config, root=path.resolve().parent.parent)

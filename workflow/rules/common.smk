@@ -8,7 +8,7 @@ from mechrepro.config import ConfigError, validate
 from mechrepro.pipeline import FIGURES, RESULTS, all_outputs, model_dir, record_in_dvc, rule_config
 
 try:
-    _validated = validate(dict(config), root=workflow.basedir)
+    _validated = validate(dict(config), root=workflow.basedir, cli_overrides=workflow.config_settings.config)
 except ConfigError as _err:
     sys.exit(f"Configuration error: {_err}")
 config.clear()
