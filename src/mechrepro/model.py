@@ -113,10 +113,10 @@ class Transformer(nn.Module):
         return normed @ self.W_U[:, tokens]
 
     def _rotary(self, x: Tensor, pos: Tensor) -> Tensor:
-        """Rotate ``x [b, p, n, e]`` by the rotary angles of positions ``pos [p]``."""
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        """Rotate ``x [b, p, n, e]`` by the rotary angles of positions ``pos [b or 1, p]``."""
+        freqs = pos.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+        cos, sin = emb.cos()[:, :, None, :], emb.sin()[:, :, None, :]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -141,6 +141,9 @@ class Transformer(nn.Module):
         start_layer: int = 0,
         start_resid: Tensor | None = None,
         stop_layer: int | None = None,
+        positions: Tensor | None = None,
+        past: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+        past_len: Tensor | None = None,
     ) -> Tensor | None:
         """Run the model.
 
@@ -156,12 +159,18 @@ class Transformer(nn.Module):
             logit_tokens: restrict the vocabulary of the returned logits to these ids.
             start_layer, start_resid: start from a cached ``blocks.{start_layer}.hook_resid_pre``.
             stop_layer: stop before this layer and return ``None`` (activations are in ``cache``).
+            positions: ``[b, s]`` absolute positions of the given tokens (default ``0..s-1``).
+            past: layer -> cached ``(keys, values)`` ``[b, P, g, e]`` of earlier positions (keys
+                after rotary), e.g. ``hook_rot_k``/``hook_k`` and ``hook_v`` of a clean run. The
+                given tokens then attend to ``past`` (the first ``past_len[b]`` entries of each
+                row) and causally to each other: a suffix is recomputed without its prefix.
         """
         hooks = hooks or {}
         names = None if cache_names is None else set(cache_names)
         spec = self.spec
-        b, n_pos = tokens.shape
-        pos = torch.arange(n_pos, device=tokens.device)
+        ref = tokens if tokens is not None else start_resid
+        b, n_pos = ref.shape[:2]
+        pos = positions if positions is not None else torch.arange(n_pos, device=ref.device)[None]
 
         def hook(name: str, x: Tensor) -> Tensor:
             fn = hooks.get(name)
@@ -176,13 +185,14 @@ class Transformer(nn.Module):
         if start_layer == 0 and start_resid is None:
             x = self.p("W_E")[tokens]
             if spec.arch == "gpt2":
-                x = x + self.p("W_pos")[pos][None]
+                x = x + self.p("W_pos")[pos]
         else:
             assert start_resid is not None, "start_layer > 0 needs start_resid"
             x = start_resid
         last = spec.n_layers if stop_layer is None else stop_layer
+        mask = self._mask(pos, b, past_len, past[start_layer][0].shape[1] if past else 0)
         for layer in range(start_layer, last):
-            x = self._block(layer, x, pos, hook, hooks)
+            x = self._block(layer, x, pos, hook, hooks, mask, None if past is None else past[layer])
         if stop_layer is not None:
             return None
         x = hook("ln_final.hook_in", x)
@@ -190,7 +200,19 @@ class Transformer(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at]
         return self.unembed(x, logit_tokens)
 
-    def _block(self, layer: int, x: Tensor, pos: Tensor, hook, hooks: Mapping[str, Hook]) -> Tensor:
+    @staticmethod
+    def _mask(pos: Tensor, b: int, past_len: Tensor | None, n_past: int) -> Tensor:
+        """Attention mask ``[b or 1, 1, s, P + s]``: causal within the tokens, prefix up to past_len."""
+        s = pos.shape[-1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=pos.device).tril()
+        if n_past == 0:
+            return causal[None, None]
+        valid = torch.arange(n_past, device=pos.device)[None, :] < past_len[:, None]  # [b, P]
+        prefix = valid[:, None, None, :].expand(b, 1, s, n_past)
+        return torch.cat([prefix, causal[None, None].expand(b, 1, s, s)], dim=-1)
+
+    def _block(self, layer: int, x: Tensor, pos: Tensor, hook, hooks: Mapping[str, Hook], mask: Tensor,
+               past: tuple[Tensor, Tensor] | None = None) -> Tensor:
         spec = self.spec
         pre = f"blocks.{layer}"
         x = hook(f"{pre}.hook_resid_pre", x)
@@ -221,13 +243,16 @@ class Transformer(nn.Module):
             q = hook(f"{pre}.attn.hook_rot_q", self._rotary(q, pos))
             k = hook(f"{pre}.attn.hook_rot_k", self._rotary(k, pos))
         rep = spec.n_heads // spec.n_kv_heads
+        if past is not None:  # keys/values of the cached prefix come first
+            pk, pv = past
+            if k.shape[2] != pk.shape[2]:
+                pk, pv = pk.repeat_interleave(rep, dim=2), pv.repeat_interleave(rep, dim=2)
+            k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
         if k.shape[2] != spec.n_heads:
             k = k.repeat_interleave(rep, dim=2)
         if v.shape[2] != spec.n_heads:
             v = v.repeat_interleave(rep, dim=2)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(spec.d_head)
-        n = x.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
         scores = hook(f"{pre}.attn.hook_attn_scores", scores)
         pattern = hook(f"{pre}.attn.hook_pattern", scores.softmax(-1))
