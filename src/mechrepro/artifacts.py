@@ -9,6 +9,7 @@ and its weight hash, the code version, and the SHA-256 of each input file and of
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -26,12 +27,40 @@ class ArtifactError(RuntimeError):
     """An artifact is missing, corrupt, or does not match its recorded hash."""
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files of ``path`` left by killed writers (``.{name}.{pid}.*.tmp``, pid gone)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name carries the writer's pid; temporaries of ``path`` whose writer is gone
+    (a SIGKILL skips the cleanup below) are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artifacts get the usual permissions
     try:
@@ -101,11 +130,25 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def source_sha256() -> str:
+    """SHA-256 over the package's source files (relative names and bytes): identifies the code
+    exactly even when the git tree is dirty or absent."""
+    pkg = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json")
+                    and "__pycache__" not in p.parts):
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def code_version() -> dict:
-    """Package version and, when run from a git checkout, the commit and whether the tree is dirty."""
+    """Package version, a hash of its source files and, when run from a git checkout, the commit
+    and whether the tree is dirty."""
     from . import __version__
 
-    info = {"package": "mechrepro", "version": __version__, "git_commit": None, "git_dirty": None}
+    info = {"package": "mechrepro", "version": __version__, "source_sha256": source_sha256(),
+            "git_commit": None, "git_dirty": None}
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,

@@ -144,8 +144,9 @@ def _save_local(hf_model, tokenizer, out_dir: Path) -> dict[str, str]:
           if not (tied and k == "lm_head.weight")}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(sd, str(tmp))
+    # hidden files (e.g. the temporary file of a write killed earlier) are not part of the model
     return {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()
-            and p.name != "manifest.json"}
+            and p.name != "manifest.json" and not p.name.startswith(".")}
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
