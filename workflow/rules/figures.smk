@@ -1,4 +1,6 @@
-# One papermill notebook per figure. Notebooks only read artifacts and draw.
+# One papermill notebook per figure. Notebooks only read artifacts and draw; the rule then writes
+# a provenance sidecar for each output (the notebook does not know the rule's inputs).
+import json
 
 
 rule ioi_figure:
@@ -22,6 +24,7 @@ rule ioi_figure:
         notebook="results/notebooks/{fig}.ipynb",
     params:
         cfg=cfg("ioi_figure"),
+        cfg_json=lambda w: json.dumps(rule_config("ioi_figure", config)),
         results=lambda w: os.path.abspath(RESULTS),
         figures=lambda w: os.path.abspath(FIGURES),
         dpi=config["figures"]["dpi"],
@@ -39,4 +42,6 @@ rule ioi_figure:
     shell:
         "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.fig} "
-        "-p dpi {params.dpi} -p n_samples {params.samples} > {log} 2>&1"
+        "-p dpi {params.dpi} -p n_samples {params.samples} > {log} 2>&1 && "
+        "python -m mechrepro record ioi_figure --config {params.cfg_json:q} --inputs {input:q} "
+        "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"

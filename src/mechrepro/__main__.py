@@ -1,0 +1,77 @@
+"""Command line: ``python -m mechrepro <command>``.
+
+* ``audit PATH [PATH ...] [--root DIR]`` — print the provenance chain of an artifact, figure,
+  scorecard or results directory and check every recorded hash (exit 1 on any mismatch); see
+  :mod:`mechrepro.audit`.
+* ``record RULE --config JSON --inputs IN ... --outputs OUT ...`` — write provenance sidecars for
+  files made outside :mod:`mechrepro.stages` (the figure notebooks' PNG, CSV and executed notebook).
+  The model recorded is the one the inputs' own sidecars name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _record(args) -> int:
+    from .artifacts import PROV_SUFFIX, provenance, write_provenance
+
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as exc:
+        print(f"record: --config is not JSON ({exc})", file=sys.stderr)
+        return 2
+    models = []
+    for path in args.inputs:
+        side = Path(str(path) + PROV_SUFFIX)
+        if side.is_file():
+            model = json.loads(side.read_text()).get("model")
+            if model and model not in models:
+                models.append(model)
+    missing = [p for p in args.outputs if not Path(p).is_file()]
+    if missing:
+        print(f"record: missing output(s) {', '.join(missing)}", file=sys.stderr)
+        return 1
+    prov = provenance(args.rule, config, args.inputs, models[0] if len(models) == 1 else None)
+    for out in args.outputs:
+        write_provenance(out, prov)
+        print(f"wrote {out}{PROV_SUFFIX}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mechrepro", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audit", help="print an artifact's provenance chain and check every recorded hash")
+    a.add_argument("paths", nargs="+", help="artifact, figure (PNG/CSV), scorecard, sidecar or directory")
+    a.add_argument("--root", default=".", help="the workflow directory the sidecars' paths are relative to "
+                                                "(default: the current directory)")
+    r = sub.add_parser("record", help="write provenance sidecars for files made by a notebook")
+    r.add_argument("rule")
+    r.add_argument("--config", required=True, help="the config values the rule read, as JSON")
+    r.add_argument("--inputs", nargs="*", default=[])
+    r.add_argument("--outputs", nargs="+", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "audit":
+        from .audit import audit
+
+        if not (Path(args.root) / "Snakefile").is_file():
+            print(f"note: {Path(args.root).resolve()} has no Snakefile; paths in sidecars are relative to the "
+                  "workflow directory (use --root)")
+        return 0 if audit(args.paths, root=args.root, out=_print).ok else 1
+    return _record(args)
+
+
+def _print(line: str) -> None:
+    try:
+        print(line)
+    except BrokenPipeError:  # piped into e.g. `head`: finish the audit quietly, keep its exit status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
