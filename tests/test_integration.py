@@ -8,51 +8,25 @@ rules that depend on it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from smoke_utils import BIN, RUN_OUTPUT, shared_run
+from smoke_utils import run as _run
 
 from mechrepro.pipeline import FIGURES, RESULTS, figures_for
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
-
-
-def _run(args, cwd, check=True, timeout=1200):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return done
-
-
-def _copy_repo(dst: Path) -> None:
-    skip = {".git", ".venv", "results", "resources", "figures", "logs", ".snakemake", ".pytest_cache", "report.html"}
-    for item in ROOT.iterdir():
-        if item.name in skip or item.name.endswith(".egg-info"):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        else:
-            shutil.copy2(item, dst / item.name)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    """A copy of the repository whose config is the smoke config, after `snakemake all`."""
-    work = tmp_path_factory.mktemp("smoke")
-    _copy_repo(work)
-    shutil.copy(work / "config" / "smoke.yaml", work / "config" / "config.yaml")
-    _run([BIN / "dvc", "config", "core.no_scm", "true"], work)
-    _run([sys.executable, "-m", "mechrepro.dvcgen", "--root", str(work)], work)
-    done = _run([BIN / "snakemake", "all", "--cores", "2"], work, timeout=1500)
-    assert "dvc.lock updated" in done.stdout + done.stderr
+    """A copy of the repository whose config is the smoke config, after `snakemake all --cores 2`
+    (the run is shared with the reliability tests: see smoke_utils.shared_run)."""
+    work = shared_run(tmp_path_factory, "cores2", "2")
+    assert "dvc.lock updated" in RUN_OUTPUT["cores2"]
     return work
 
 
