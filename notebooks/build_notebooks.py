@@ -146,6 +146,19 @@ FIGURES = {
              "plotting.add_caption(fig, plotting.caption(metrics, note='n per order under each group; error bars: '"
              "'standard error of the mean over prompts.'))",
     ),
+    "head_patching_attribution": dict(
+        title="Attribution patching vs exact activation patching",
+        replicates="no paper figure: the check of the patching engine's attribution ranking (issue: performance)",
+        body="Every head's output `z` in the clean base prompts is replaced by its output on the ABC prompt, at "
+             "END only or at all positions, and the relative change of the mean LD is measured exactly by the "
+             "patching engine (`mechrepro.engine`). Attribution patching estimates the same effects to first order "
+             "from one forward and one backward pass: `<dLD/dz, z_ABC - z_clean>`. Titles give the Spearman rank "
+             "correlation and the top-k overlap (by |effect|); the five largest exact effects are labelled.",
+        data="data = plotting.head_patching_data(art)\nsummary = plotting.head_patching_summary(art)\ndata.head()",
+        plot="fig = plotting.plot_head_patching(data, summary)\n"
+             "plotting.add_caption(fig, plotting.caption(metrics, n=f\"{summary.get('n_prompts')} base prompts\", circuit=False, "
+             "note=f\"Each point is one head; dashed: attribution = exact. All positions: the {summary.get('all_positions_exact_heads', '?')} heads ranked highest by attribution were patched exactly.\"))",
+    ),
 }
 
 

@@ -65,7 +65,7 @@ def test_dotted_overrides():
 
 @pytest.mark.parametrize("key,value,needles", [
     # typo in a key: names the bad key and the allowed keys of that section
-    ("model.nmae", "gpt2", ["'model.nmae'", "name, device, batch_size"]),
+    ("model.nmae", "gpt2", ["'model.nmae'", "name, device, dtype, batch_size"]),
     ("seeed", 1, ["'seeed'", "seed, model, ioi, circuit"]),
     # wrong type
     ("model.batch_size", "50", ["'model.batch_size'", "'50'", "integer"]),

@@ -17,6 +17,7 @@ RULE_CONFIG: dict[str, list[str]] = {
     "ioi_circuit": ["seed", "model", "circuit"],
     "ioi_evaluate": ["model", "ablation", "ioi"],
     "ioi_value_paths": ["model", "circuit", "value_paths"],
+    "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
     "ioi_metrics": ["model.name"],
     "ioi_figure": ["figures"],
     "scorecard": ["model.name"],
@@ -32,6 +33,7 @@ IOI_FIGURES: dict[str, list[str]] = {
     "fig5_restored_paths": ["double_io"],
     "fig6_value_paths": [],
     "fig8_name_order": [],
+    "head_patching_attribution": [],
 }
 
 

@@ -805,3 +805,47 @@ def plot_name_order(data: pd.DataFrame):
     _fig_legend(fig, ax0)
     suptitle(fig, "Fig 8 (Nainani et al. 2024): logit difference by name order, full model vs circuit")
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Engine: attribution patching vs exact activation patching of every head
+
+
+def head_patching_data(art: Artifacts) -> pd.DataFrame:
+    """Per head: exact and attribution effects (END only and all positions), relative LD change."""
+    return _read_csv(art.root / "head_patching.csv",
+                     ["layer", "head", "exact_end", "attribution_end", "exact_all", "attribution_all"])
+
+
+def head_patching_summary(art: Artifacts) -> dict:
+    path = art.root / "head_patching.json"
+    return read_json(path) if path.exists() else {}
+
+
+def plot_head_patching(data: pd.DataFrame, summary: dict):
+    """Scatter of attribution vs exact effect per head, for END-only and all-position patches."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, (kind, title) in zip(axes, [("end", "patch at END only"), ("all", "patch at all positions")]):
+        ex, at = f"exact_{kind}", f"attribution_{kind}"
+        ok = data[[ex, at]].dropna() if len(data) else data
+        if not len(ok):
+            no_data(ax, "no head_patching.csv")
+            continue
+        ax.scatter(ok[ex], ok[at], s=14, alpha=0.7, color="#3b6fb6")
+        lim = float(np.nanmax(np.abs(ok[[ex, at]].to_numpy()))) * 1.1 or 1.0
+        ax.plot([-lim, lim], [-lim, lim], ls="--", color="0.5", lw=1)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        agree = summary.get("agreement_end" if kind == "end" else "agreement_all_positions", {})
+        k = summary.get("top_k", 10)
+        top = data.assign(mag=data[ex].abs()).nlargest(5, "mag")
+        for _, r in top.iterrows():
+            ax.annotate(f"{int(r.layer)}.{int(r['head'])}", (r[ex], r[at]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_title(f"{title}\nSpearman {agree.get('spearman', float('nan')):.2f}, "
+                     f"top-{k} overlap {agree.get(f'top{k}_overlap', float('nan')):.0%}")
+        ax.set_xlabel("exact patching effect (relative LD change)")
+        ax.set_ylabel("attribution estimate")
+    suptitle(fig, "Attribution patching vs exact activation patching of every head (clean run, ABC head output patched in)")
+    fig.tight_layout()
+    return fig

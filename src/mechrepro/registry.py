@@ -229,8 +229,8 @@ def prepare_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
     return manifest
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """Load a model prepared by :func:`prepare_model` from ``model_dir``."""
+def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a model prepared by :func:`prepare_model` from ``model_dir`` onto ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(model_dir)
@@ -256,5 +256,5 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel
             tok = gpt2_tokenizer()
         else:
             tok = AutoTokenizer.from_pretrained(str(d))
-    model = Transformer.from_hf(hf).to(device)
+    model = Transformer.from_hf(hf).to(device=device, dtype=getattr(torch, dtype))
     return LoadedModel(manifest["name"], model, tok, manifest)

@@ -29,8 +29,21 @@ def _setup(snk) -> None:
         Path(snk.log[0]).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(snk.log[0], mode="w"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    use_device(snk.config["model"]["device"], snk.config["model"].get("dtype", "float32"))
     torch.manual_seed(snk.config["seed"])
     torch.set_num_threads(max(1, getattr(snk, "threads", 2) or 2))
+
+
+def use_device(device: str, dtype: str = "float32") -> str:
+    """Make ``device`` (``auto`` resolved) and ``dtype`` the defaults for every new tensor.
+
+    Every tensor a stage creates (batches, index tensors, accumulators) then lives where the
+    model does, so the same code runs on a CPU or a CUDA GPU. Returns the resolved device.
+    """
+    resolved = resolve_device(device)
+    torch.set_default_device(resolved)
+    torch.set_default_dtype(getattr(torch, dtype))
+    return resolved
 
 
 def _prov(snk, model: dict | None = None) -> dict:
@@ -42,7 +55,7 @@ def _model(snk):
 
     device = resolve_device(snk.config["model"]["device"])
     t = time.time()
-    lm = load_model(Path(snk.input.manifest).parent, device=device)
+    lm = load_model(Path(snk.input.manifest).parent, device=device, dtype=snk.config["model"]["dtype"])
     log.info("loaded %s in %.1fs", lm.description(), time.time() - t)
     return lm
 
@@ -205,6 +218,24 @@ def ioi_value_paths(snk) -> None:
             df.insert(0, "variant", variant)
             frames.append(df)
     art.save_csv(snk.output[0], pd.concat(frames, ignore_index=True), _prov(snk, lm.manifest))
+
+
+def ioi_head_patching(snk) -> None:
+    from .ioi_analysis import head_patching
+
+    _setup(snk)
+    lm = _model(snk)
+    cfg = snk.config["head_patching"]
+    ds, batch = _batch(snk.input.data, lm, cfg["n_prompts"])
+    frame, summary = head_patching(lm.model, batch, cfg["top_k"], snk.config["circuit"]["max_rows"],
+                                   cfg["confirm_all_positions"])
+    summary["model"] = lm.name
+    log.info("head patching on %d prompts: %s; attribution vs exact: END %s, all positions %s", len(batch),
+             {k: round(v, 1) for k, v in summary["timings"].items()}, summary["agreement_end"],
+             summary["agreement_all_positions"])
+    prov = _prov(snk, lm.manifest)
+    art.save_csv(snk.output.csv, frame, prov)
+    art.save_json(snk.output.json, summary, prov)
 
 
 def ioi_metrics(snk) -> None:

@@ -18,6 +18,7 @@ config.update(_validated)
 VARIANTS = config["ioi"]["variants"]
 MANIFEST = f"{model_dir(config['model']['name'])}/manifest.json"
 ENV = "../../env.yml"
+GPU = 1 if config["model"]["device"] == "cuda" else 0  # GPU request of the model rules (cluster runs)
 
 
 def cfg(rule):

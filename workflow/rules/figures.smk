@@ -11,6 +11,8 @@ rule ioi_figure:
         circuit=f"{RESULTS}/circuit.json",
         scores=f"{RESULTS}/circuit_scores.csv",
         value_paths=f"{RESULTS}/value_paths.csv",
+        head_patching=f"{RESULTS}/head_patching.csv",
+        head_patching_summary=f"{RESULTS}/head_patching.json",
         evals=expand(f"{RESULTS}/eval/{{variant}}.json", variant=VARIANTS),
         attention=expand(f"{RESULTS}/eval/{{variant}}_attention.csv", variant=VARIANTS),
         prompts=expand(f"{RESULTS}/eval/{{variant}}_prompts.csv", variant=VARIANTS),

@@ -44,6 +44,7 @@ rule ioi_inference:
     resources:
         mem_mb=4000,
         runtime=20,
+        gpu=GPU,
     conda:
         ENV
     script:
@@ -68,6 +69,7 @@ rule ioi_circuit:
     resources:
         mem_mb=6000,
         runtime=60,
+        gpu=GPU,
     conda:
         ENV
     script:
@@ -93,6 +95,7 @@ rule ioi_evaluate:
     resources:
         mem_mb=6000,
         runtime=60,
+        gpu=GPU,
     conda:
         ENV
     script:
@@ -116,6 +119,31 @@ rule ioi_value_paths:
     resources:
         mem_mb=6000,
         runtime=60,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_head_patching:
+    input:
+        manifest=MANIFEST,
+        data=f"{RESULTS}/data/base.json",
+    output:
+        csv=f"{RESULTS}/head_patching.csv",
+        json=f"{RESULTS}/head_patching.json",
+    params:
+        cfg=cfg("ioi_head_patching"),
+    log:
+        "logs/ioi_head_patching.log",
+    benchmark:
+        "results/benchmarks/ioi_head_patching.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+        gpu=GPU,
     conda:
         ENV
     script:
