@@ -76,6 +76,32 @@ def _z_hook(heads: Sequence[int], source: Tensor, b: int, at_end_only: bool):
 
 
 @torch.no_grad()
+def sweep_heads(model: Transformer, base: BaseRun, metric: Metric, run: Callable[[int, list[int]], Tensor],
+                heads: Sequence[tuple[int, int]] | None = None, max_rows: int = 512) -> Tensor:
+    """The generic head sweep: ``[L, h]`` effects (NaN where not patched).
+
+    Heads are grouped by layer and patched in chunks of ``max_rows // b`` heads per pass;
+    ``run(layer, chunk)`` returns the END logits ``[len(chunk) * b, v]`` of that pass, rows ordered
+    head by head. The effect is ``mean(metric_patched) - mean(metric_base)``.
+    """
+    spec = model.spec
+    b = base.tokens.shape[0]
+    heads = heads if heads is not None else [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)]
+    rows_b = torch.arange(b)
+    effects = torch.full((spec.n_layers, spec.n_heads), float("nan"))
+    base_metric = metric(base.end_logits, rows_b).mean()
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    per_pass = max(1, max_rows // b)
+    for layer, hs in sorted(by_layer.items()):
+        for i in range(0, len(hs), per_pass):
+            chunk = hs[i:i + per_pass]
+            logits = run(layer, chunk)
+            effects[layer, chunk] = metric(logits, rows_b.repeat(len(chunk))).reshape(len(chunk), b).mean(1) - base_metric
+    return effects
+
+
 def patch_heads_end(model: Transformer, base: BaseRun, source_z_end: Tensor, metric: Metric,
                     heads: Sequence[tuple[int, int]] | None = None, max_rows: int = 2048) -> Tensor:
     """Effect of patching each head's output (``z``) at END only: ``[L, h]`` (NaN where not patched).
@@ -85,33 +111,21 @@ def patch_heads_end(model: Transformer, base: BaseRun, source_z_end: Tensor, met
         heads: heads to patch (default all).
     Only the END token is recomputed, from the patched layer on, over the cached prefix.
     """
-    spec = model.spec
-    b = base.tokens.shape[0]
-    heads = heads if heads is not None else [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)]
+    b, L = base.tokens.shape[0], model.spec.n_layers
     rows_b = torch.arange(b)
-    effects = torch.full((spec.n_layers, spec.n_heads), float("nan"))
-    base_metric = metric(base.end_logits, rows_b).mean()
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-    per_pass = max(1, max_rows // b)
-    for layer, hs in sorted(by_layer.items()):
-        for i in range(0, len(hs), per_pass):
-            chunk = hs[i:i + per_pass]
-            k = len(chunk)
-            resid = base.resid_pre[layer][rows_b, base.end][:, None].repeat(k, 1, 1)  # [k*b, 1, d]
-            past = {l: (base.keys[l].repeat(k, 1, 1, 1), base.values[l].repeat(k, 1, 1, 1))
-                    for l in range(layer, spec.n_layers)}
-            hook = _z_hook(chunk, source_z_end[:, layer], b, at_end_only=True)
-            logits = model(None, start_layer=layer, start_resid=resid, positions=base.end.repeat(k)[:, None],
-                           past=past, past_len=base.end.repeat(k), logits_at=torch.zeros(k * b, dtype=torch.long),
-                           hooks={f"blocks.{layer}.attn.hook_z": hook})
-            vals = metric(logits, rows_b.repeat(k)).reshape(k, b).mean(1)
-            effects[layer, chunk] = vals - base_metric
-    return effects
+
+    def run(layer: int, chunk: list[int]) -> Tensor:
+        k = len(chunk)
+        resid = base.resid_pre[layer][rows_b, base.end][:, None].repeat(k, 1, 1)  # [k*b, 1, d]
+        past = {l: (base.keys[l].repeat(k, 1, 1, 1), base.values[l].repeat(k, 1, 1, 1)) for l in range(layer, L)}
+        hook = _z_hook(chunk, source_z_end[:, layer], b, at_end_only=True)
+        return model(None, start_layer=layer, start_resid=resid, positions=base.end.repeat(k)[:, None],
+                     past=past, past_len=base.end.repeat(k), logits_at=torch.zeros(k * b, dtype=torch.long),
+                     hooks={f"blocks.{layer}.attn.hook_z": hook})
+
+    return sweep_heads(model, base, metric, run, heads, max_rows)
 
 
-@torch.no_grad()
 def patch_heads_all_positions(model: Transformer, base: BaseRun, source_z: list[Tensor], metric: Metric,
                               heads: Sequence[tuple[int, int]] | None = None, max_rows: int = 256) -> Tensor:
     """Effect of patching each head's output at every position at once: ``[L, h]``.
@@ -120,26 +134,15 @@ def patch_heads_all_positions(model: Transformer, base: BaseRun, source_z: list[
         source_z: per layer, the source run's ``z`` ``[b, p, h, e]`` (aligned positions).
     Each run starts from the cached residual stream of the patched layer; logits only at END.
     """
-    spec = model.spec
     b = base.tokens.shape[0]
-    heads = heads if heads is not None else [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)]
-    rows_b = torch.arange(b)
-    effects = torch.full((spec.n_layers, spec.n_heads), float("nan"))
-    base_metric = metric(base.end_logits, rows_b).mean()
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-    per_pass = max(1, max_rows // b)
-    for layer, hs in sorted(by_layer.items()):
-        for i in range(0, len(hs), per_pass):
-            chunk = hs[i:i + per_pass]
-            k = len(chunk)
-            hook = _z_hook(chunk, source_z[layer], b, at_end_only=False)
-            logits = model(None, start_layer=layer, start_resid=base.resid_pre[layer].repeat(k, 1, 1),
-                           logits_at=base.end.repeat(k), hooks={f"blocks.{layer}.attn.hook_z": hook})
-            vals = metric(logits, rows_b.repeat(k)).reshape(k, b).mean(1)
-            effects[layer, chunk] = vals - base_metric
-    return effects
+
+    def run(layer: int, chunk: list[int]) -> Tensor:
+        k = len(chunk)
+        hook = _z_hook(chunk, source_z[layer], b, at_end_only=False)
+        return model(None, start_layer=layer, start_resid=base.resid_pre[layer].repeat(k, 1, 1),
+                     logits_at=base.end.repeat(k), hooks={f"blocks.{layer}.attn.hook_z": hook})
+
+    return sweep_heads(model, base, metric, run, heads, max_rows)
 
 
 def attribution_heads(model: Transformer, tokens: Tensor, end: Tensor, source_z: list[Tensor], metric: Metric,
