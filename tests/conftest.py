@@ -102,3 +102,12 @@ def ioi_data():
     import yaml
 
     return yaml.safe_load((ROOT / "config" / "ioi_data.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight over a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

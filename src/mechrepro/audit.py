@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import PROV_SUFFIX, sha256_file, source_sha256
+from .scorecard import lookup
 
 MANIFEST = "manifest.json"
 
@@ -58,15 +59,6 @@ def _flatten(prefix: str, value, out: dict) -> dict:
 def _fmt_config(config: dict) -> list[str]:
     flat = _flatten("", config or {}, {})
     return [f"{k} = {json.dumps(v)}" for k, v in flat.items()]
-
-
-def _lookup(obj, dotted: str):
-    node = obj
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 class Auditor:
@@ -310,7 +302,7 @@ class Auditor:
                     cache[art] = json.loads(self.abs(art).read_text())
                 except (OSError, ValueError, UnicodeDecodeError):
                     cache[art] = None
-            value = _lookup(cache[art], key) if cache[art] is not None else None
+            value = lookup(cache[art], key) if cache[art] is not None else None
             expected = _fmt(value) if as_text else value
             if expected != ours:
                 bad += 1

@@ -199,7 +199,7 @@ def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
     end, rows = batch.pos["END"], torch.arange(len(batch))
 
     def metric(logits, r):
-        return logits[torch.arange(len(r)), batch.io[r]] - logits[torch.arange(len(r)), batch.s[r]]
+        return logit_diff(logits, batch.io[r], batch.s[r])
 
     timings = {}
     t = time.perf_counter()

@@ -137,14 +137,19 @@ def direct_effects(model: Transformer, resid_final: Tensor, deltas: Tensor, io: 
     return torch.einsum("sbd,db->sb", normed, direction)
 
 
+def _group_receivers(receivers: Sequence[tuple[int, int, str]]) -> dict[tuple[int, str], list[int]]:
+    """``(layer, input kind) -> heads`` of the receivers."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for l, h, kind in receivers:
+        groups.setdefault((l, kind), []).append(h)
+    return groups
+
+
 def _input_hooks(receivers: Sequence[tuple[int, int, str]], pos: Tensor, deltas_for: Callable[[int], Tensor],
                  ) -> dict[str, Callable]:
     """Hooks adding ``deltas_for(layer) [B, d]`` to the per-head inputs of the receivers at ``pos``."""
-    by_key: dict[tuple[int, str], list[int]] = {}
-    for l, h, kind in receivers:
-        by_key.setdefault((l, kind), []).append(h)
     hooks = {}
-    for (l, kind), heads in by_key.items():
+    for (l, kind), heads in _group_receivers(receivers).items():
         def fn(x: Tensor, l=l, heads=heads) -> Tensor:
             rows = torch.arange(x.shape[0])
             d = deltas_for(l)
@@ -205,9 +210,7 @@ def path_patch_attribution(model: Transformer, tokens: Tensor, end: Tensor, io: 
     rows = torch.arange(b)
     grads: dict[tuple[int, int, str], Tensor] = {}
     leaves: dict[tuple[int, str], Tensor] = {}
-    by_key: dict[tuple[int, str], list[int]] = {}
-    for l, h, kind in receivers:
-        by_key.setdefault((l, kind), []).append(h)
+    by_key = _group_receivers(receivers)
 
     hooks = {}
     for (l, kind) in by_key:

@@ -14,7 +14,8 @@ import yaml
 from .artifacts import read_json
 
 
-def _lookup(metrics: dict, dotted: str):
+def lookup(metrics: dict, dotted: str):
+    """The value at a dotted path (``"variants.base.model_ld"``), or None where it is missing."""
     node = metrics
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -31,7 +32,7 @@ def build(reference_path: str | Path, metrics_paths: dict[str, str]) -> list[dic
         metrics = read_json(path)
         entry = ref[study]
         for n in entry["numbers"]:
-            ours = _lookup(metrics, n["ours"])
+            ours = lookup(metrics, n["ours"])
             rows.append({
                 "study": study, "id": n["id"], "source": n["source"], "paper": n["value"],
                 "paper_model": entry["model"], "ours": ours, "our_model": metrics.get("model"),
