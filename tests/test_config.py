@@ -66,7 +66,8 @@ def test_dotted_overrides():
 @pytest.mark.parametrize("key,value,needles", [
     # typo in a key: names the bad key and the allowed keys of that section
     ("model.nmae", "gpt2", ["'model.nmae'", "name, device, dtype, batch_size"]),
-    ("seeed", 1, ["'seeed'", "seed, model, ioi, circuit"]),
+    ("seeed", 1, ["'seeed'", "seed, studies, model, ioi, circuit"]),
+    ("studies", ["ioi_generalization", "no_such_study"], ["studies", "'no_such_study'", "ioi_generalization"]),
     # wrong type
     ("model.batch_size", "50", ["'model.batch_size'", "'50'", "integer"]),
     ("ioi.n_prompts", 2.5, ["'ioi.n_prompts'", "integer"]),

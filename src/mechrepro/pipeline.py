@@ -20,7 +20,7 @@ RULE_CONFIG: dict[str, list[str]] = {
     "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
     "ioi_metrics": ["model.name"],
     "ioi_figure": ["figures"],
-    "scorecard": ["model.name"],
+    "scorecard": ["model.name", "studies"],
 }
 
 # Figure notebooks of Study A: name -> variants whose artifacts it needs (besides metrics.json).
@@ -43,10 +43,30 @@ def model_dir(name: str) -> str:
     return f"resources/models/{safe}"
 
 
+# The studies, by their name in config ``studies``: the scorecard's key for the study (an entry of
+# reference/published.yaml) and its metrics file. Each study adds its figures in ``study_outputs``.
+STUDIES: dict[str, dict[str, str]] = {
+    "ioi_generalization": {"scorecard": "study_a", "metrics": f"{RESULTS}/metrics.json"},
+}
+
+
+def study_outputs(study: str, config: dict) -> list[str]:
+    """The figures and metrics file of one study."""
+    if study == "ioi_generalization":
+        figs = [f"{FIGURES}/{fig}.png" for fig in figures_for(config["ioi"]["variants"])]
+        return figs + [STUDIES[study]["metrics"]]
+    raise KeyError(f"unknown study {study!r}")
+
+
+def study_metrics(config: dict) -> dict[str, str]:
+    """``{scorecard key: metrics.json path}`` of the configured studies (the scorecard's inputs)."""
+    return {STUDIES[s]["scorecard"]: STUDIES[s]["metrics"] for s in config["studies"]}
+
+
 def all_outputs(config: dict) -> list[str]:
-    """Targets of ``rule all``: every figure, the metrics and the scorecard."""
-    figs = [f"{FIGURES}/{fig}.png" for fig in figures_for(config["ioi"]["variants"])]
-    return figs + [f"{RESULTS}/metrics.json", "results/scorecard.md"]
+    """Targets of ``rule all``: every configured study's figures and metrics, and the scorecard."""
+    outs = [out for study in config["studies"] for out in study_outputs(study, config)]
+    return outs + ["results/scorecard.md"]
 
 
 def record_in_dvc(config_settings) -> None:

@@ -2,7 +2,8 @@
 
 Each function takes the ``snakemake`` object of a ``script:`` rule (``config``, ``input``,
 ``output``, ``wildcards``, ``log``, ``rule``). ``workflow/scripts/stage.py`` dispatches on the rule
-name. Every artifact gets a provenance sidecar (see :mod:`mechrepro.artifacts`).
+name (:func:`dispatch`); the rules of Studies B and C have their functions in their own modules.
+Every artifact gets a provenance sidecar (see :mod:`mechrepro.artifacts`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 from . import artifacts as art
 from .config import load_ioi_data, resolve_device
-from .pipeline import rule_config
+from .pipeline import rule_config, study_metrics
 
 log = logging.getLogger("mechrepro")
 
@@ -276,8 +277,23 @@ def scorecard(snk) -> None:
     from .scorecard import build, to_markdown
 
     _setup(snk)
-    rows = build(snk.input.reference, {"study_a": snk.input.metrics_a})
+    rows = build(snk.input.reference, {key: snk.input[key] for key in study_metrics(snk.config)})
     prov = _prov(snk)
     art.save_json(snk.output.json, {"rows": rows}, prov)
     art.write_text(snk.output.md, to_markdown(rows))
     art.write_provenance(snk.output.md, prov)
+
+
+# Modules holding the stage functions, searched in order by rule name.
+STAGE_MODULES = ("mechrepro.stages",)
+
+
+def dispatch(snk) -> None:
+    """Run the stage function named after the Snakemake rule ``snk.rule``."""
+    import importlib
+
+    for name in STAGE_MODULES:
+        fn = getattr(importlib.import_module(name), snk.rule, None)
+        if callable(fn):
+            return fn(snk)
+    raise LookupError(f"no stage function for rule '{snk.rule}' in {', '.join(STAGE_MODULES)}")

@@ -5,7 +5,7 @@ import sys
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from mechrepro.config import ConfigError, check_output_dirs, validate
-from mechrepro.pipeline import FIGURES, RESULTS, all_outputs, model_dir, record_in_dvc, rule_config
+from mechrepro.pipeline import FIGURES, RESULTS, all_outputs, model_dir, record_in_dvc, rule_config, study_metrics
 
 try:
     _validated = validate(dict(config), root=workflow.basedir, cli_overrides=workflow.config_settings.config)

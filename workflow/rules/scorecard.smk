@@ -1,7 +1,7 @@
 rule scorecard:
     input:
+        unpack(lambda w: study_metrics(config)),
         reference="reference/published.yaml",
-        metrics_a=f"{RESULTS}/metrics.json",
     output:
         json="results/scorecard.json",
         md="results/scorecard.md",

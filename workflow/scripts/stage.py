@@ -1,4 +1,4 @@
-"""Run the library stage named after the Snakemake rule (see mechrepro.stages)."""
-from mechrepro import stages
+"""Run the library stage named after the Snakemake rule (see mechrepro.stages.dispatch)."""
+from mechrepro.stages import dispatch
 
-getattr(stages, snakemake.rule)(snakemake)  # noqa: F821 (snakemake is injected by script:)
+dispatch(snakemake)  # noqa: F821 (snakemake is injected by script:)
