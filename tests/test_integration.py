@@ -66,21 +66,28 @@ def test_dvc_up_to_date_after_snakemake(smoke):
     assert "variants.base.model_ld" in shown.stdout
 
 
-def _planned_rules(smoke, *config) -> set[str]:
+def _planned_jobs(smoke, *config) -> dict[str, int]:
+    """``{rule: number of jobs}`` that ``snakemake all`` would run with these config overrides."""
     done = _run([BIN / "snakemake", "all", "--cores", "1", "--dry-run", "--config", *config], smoke)
     lines = done.stdout.splitlines()
     start = lines.index("Job stats:") + 3  # skip the header and the rule line
-    rules = set()
+    jobs = {}
     for line in lines[start:]:
         parts = line.split()
         if not parts or parts[0] == "total":
             break
-        rules.add(parts[0])
-    return rules
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def _planned_rules(smoke, *config) -> set[str]:
+    return set(_planned_jobs(smoke, *config))
 
 
 def test_parameter_change_reruns_only_dependents(smoke):
     assert _planned_rules(smoke, "figures={dpi: 61}") == {"ioi_figure", "all"}
+    # a parameter only one figure draws with reruns only that figure
+    assert _planned_jobs(smoke, "figures={n_attention_samples: 7}") == {"ioi_figure": 1, "all": 1}
     assert _planned_rules(smoke, "value_paths={n_prompts: 6}") == {"ioi_value_paths", "ioi_figure", "all"}
     planned = _planned_rules(smoke, "ioi={n_prompts: 12}")
     assert "prepare_model" not in planned and "scorecard" in planned

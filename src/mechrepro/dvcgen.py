@@ -2,7 +2,7 @@
 
 Every Snakemake job of ``snakemake all`` becomes one DVC stage with the same inputs (``deps``),
 outputs (``outs``; the metrics file as a DVC metric) and config keys (``params``, from
-:data:`mechrepro.pipeline.RULE_CONFIG`). Stages also depend on the library code (:data:`CODE_DEPS`).
+:func:`mechrepro.pipeline.config_keys`). Stages also depend on the library code (:data:`CODE_DEPS`).
 A stage's command asks Snakemake to rebuild exactly that
 job: ``snakemake --cores 2 --force --allowed-rules <rule> <outputs>``.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .pipeline import RULE_CONFIG
+from .pipeline import config_keys
 
 # DVC stages also depend on the library and the stage script, so that a code change reruns them
 # under `dvc repro` (Snakemake records the code version in each artifact's provenance instead).
@@ -77,7 +77,7 @@ def build(jobs: list[dict]) -> dict:
     for job in jobs:
         outs = [o for o in job["output"] if not o.endswith("metrics.json")]
         metrics = [o for o in job["output"] if o.endswith("metrics.json")]
-        params = [{"config/config.yaml": list(RULE_CONFIG[job["rule"]])}]
+        params = [{"config/config.yaml": config_keys(job["rule"], job["wildcards"])}]
         stage = {
             "cmd": f"snakemake --cores 2 --force --allowed-rules {job['rule']} {' '.join(job['output'])}",
             "deps": sorted(set(job["input"]) | set(CODE_DEPS)),

@@ -19,8 +19,14 @@ RULE_CONFIG: dict[str, list[str]] = {
     "ioi_value_paths": ["model", "circuit", "value_paths"],
     "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
     "ioi_metrics": ["model.name"],
-    "ioi_figure": ["figures"],
+    "ioi_figure": ["figures.dpi"],
     "scorecard": ["model.name", "studies"],
+}
+
+# Config keys read by only some jobs of a rule: rule -> (wildcard, {wildcard value: extra keys}).
+# A figure-only parameter then reruns only the figure that draws with it.
+JOB_CONFIG: dict[str, tuple[str, dict[str, list[str]]]] = {
+    "ioi_figure": ("fig", {"fig4_confidence_ratio": ["figures.n_attention_samples"]}),
 }
 
 # Figure notebooks of Study A: name -> variants whose artifacts it needs (besides metrics.json).
@@ -100,9 +106,19 @@ def get_key(config: dict, dotted: str):
     return node
 
 
-def rule_config(rule: str, config: dict) -> dict:
-    """The config values ``rule`` reads, as a flat ``{dotted key: value}`` dict."""
-    return {key: get_key(config, key) for key in RULE_CONFIG[rule]}
+def config_keys(rule: str, wildcards=None) -> list[str]:
+    """The config keys a job of ``rule`` reads (``wildcards``: a dict or Snakemake's wildcards)."""
+    keys = list(RULE_CONFIG[rule])
+    if rule in JOB_CONFIG and wildcards is not None:
+        name, extra = JOB_CONFIG[rule]
+        value = dict(wildcards.items()).get(name)
+        keys += extra.get(value, [])
+    return keys
+
+
+def rule_config(rule: str, config: dict, wildcards=None) -> dict:
+    """The config values a job of ``rule`` reads, as a flat ``{dotted key: value}`` dict."""
+    return {key: get_key(config, key) for key in config_keys(rule, wildcards)}
 
 
 def figures_for(variants: list[str]) -> list[str]:

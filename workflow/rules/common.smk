@@ -22,5 +22,5 @@ GPU = 1 if config["model"]["device"] == "cuda" else 0  # GPU request of the mode
 
 
 def cfg(rule):
-    """Config values read by a rule, as its params (changing one reruns the rule)."""
-    return lambda wildcards: rule_config(rule, config)
+    """Config values read by a job of a rule, as its params (changing one reruns the job)."""
+    return lambda wildcards: rule_config(rule, config, wildcards)

@@ -2,6 +2,9 @@
 # a provenance sidecar for each output (the notebook does not know the rule's inputs).
 import json
 
+# Notebook parameter of each figure config key (a job passes only the keys it reads).
+NB_PARAM = {"figures.dpi": "dpi", "figures.n_attention_samples": "n_samples"}
+
 
 rule ioi_figure:
     input:
@@ -26,11 +29,10 @@ rule ioi_figure:
         notebook="results/notebooks/{fig}.ipynb",
     params:
         cfg=cfg("ioi_figure"),
-        cfg_json=lambda w: json.dumps(rule_config("ioi_figure", config)),
+        cfg_json=lambda w: json.dumps(rule_config("ioi_figure", config, w)),
         results=lambda w: os.path.abspath(RESULTS),
         figures=lambda w: os.path.abspath(FIGURES),
-        dpi=config["figures"]["dpi"],
-        samples=config["figures"]["n_attention_samples"],
+        nb=lambda w: json.dumps({NB_PARAM[k]: v for k, v in rule_config("ioi_figure", config, w).items()}),
     log:
         "logs/ioi_figure/{fig}.log",
     benchmark:
@@ -44,6 +46,6 @@ rule ioi_figure:
     shell:
         "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.fig} "
-        "-p dpi {params.dpi} -p n_samples {params.samples} > {log} 2>&1 && "
+        "-y {params.nb:q} > {log} 2>&1 && "
         "python -m mechrepro record ioi_figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"
