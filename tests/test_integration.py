@@ -80,7 +80,7 @@ def _planned_rules(smoke, *config) -> set[str]:
 
 
 def test_parameter_change_reruns_only_dependents(smoke):
-    assert _planned_rules(smoke, "figures={dpi: 61}") == {"ioi_figure", "all"}
+    assert _planned_rules(smoke, "figures={dpi: 61}") == {"ioi_figure", "subspace_figure", "all"}
     assert _planned_rules(smoke, "value_paths={n_prompts: 6}") == {"ioi_value_paths", "ioi_figure", "all"}
     planned = _planned_rules(smoke, "ioi={n_prompts: 12}")
     assert "prepare_model" not in planned and "scorecard" in planned

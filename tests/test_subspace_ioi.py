@@ -256,3 +256,78 @@ def test_projection_and_dormant_tables(models):
     clean = dorm[dorm.condition == "clean"].value.to_numpy()
     null = dorm[dorm.condition == "v_mlp_null"].value.to_numpy()
     assert abs(clean - null).max() < 1e-4  # the null part writes nothing (RMSNorm: an exact kernel)
+
+
+# ------------------------------------------------------------------ config: subspace.layer
+@pytest.mark.parametrize("value, ok", [("auto", True), (8, True), (0, True), ("autox", False), (-1, False),
+                                       (2.5, False)])
+def test_subspace_layer_config(value, ok):
+    from mechrepro import config as C
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["subspace"]["layer"] = value
+    if ok:
+        assert C.validate(cfg, root=ROOT)["subspace"]["layer"] == value
+    else:
+        with pytest.raises(C.ConfigError) as exc:
+            C.validate(cfg, root=ROOT)
+        msg = str(exc.value)
+        assert "'subspace.layer'" in msg and "auto or an integer layer >= 0" in msg, msg
+
+
+def test_subspace_layer_from_the_command_line_is_an_integer():
+    from mechrepro import config as C
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    out = C.validate(cfg, root=ROOT, cli_overrides={"subspace": {"layer": "8"}})
+    assert out["subspace"]["layer"] == 8
+    assert C.validate(cfg, root=ROOT, cli_overrides={"subspace": {"layer": "auto"}})["subspace"]["layer"] == "auto"
+
+
+# ------------------------------------------------------------------ metrics: merged from part files
+class _Files(list):
+    """A Snakemake-like list of paths with named entries."""
+
+    def __init__(self, items=(), **named):
+        super().__init__(items)
+        for k, v in named.items():
+            setattr(self, k, v)
+
+
+def _snk(tmp_path, parts, out):
+    from types import SimpleNamespace
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"name": "tiny-gpt2", "description": "a test model"}')
+    return SimpleNamespace(rule="subspace_metrics", config={"seed": 0, "model": {"name": "tiny-gpt2", "device": "cpu",
+                                                                                   "dtype": "float32"}},
+                           input=_Files([str(manifest), *map(str, parts)], manifest=str(manifest),
+                                        parts=[str(p) for p in parts]),
+                           output=_Files([str(out)]), log=[str(tmp_path / "log.txt")], threads=1)
+
+
+def test_metrics_merge_copies_every_part(tmp_path):
+    import json
+
+    from mechrepro.stages_subspace import subspace_metrics
+
+    parts = []
+    for name, content in (("toy", {"toy": {"v": -2.0}}), ("ioi", {"ioi_table1": {"v_mlp": {"fldd": 1.0}},
+                                                                 "ioi": {"model": "tiny-gpt2"}}),
+                          ("facts", {"facts": {"0": {"n_pairs": 3}}})):
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps(content))
+    out = tmp_path / "metrics.json"
+    subspace_metrics(_snk(tmp_path, parts, out))
+    m = json.loads(out.read_text())
+    assert list(m) == ["model", "model_description", "toy", "ioi_table1", "ioi", "facts"]
+    assert m["model"] == "tiny-gpt2" and m["facts"]["0"]["n_pairs"] == 3
+    assert json.loads((tmp_path / "metrics.json.prov.json").read_text())["rule"] == "subspace_metrics"
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"toy": {}}))
+    with pytest.raises(ValueError, match="'toy'"):
+        subspace_metrics(_snk(tmp_path, [*parts, clash], tmp_path / "m2.json"))
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({"ioi": {"model": "gpt2"}}))
+    with pytest.raises(Exception, match="gpt2"):
+        subspace_metrics(_snk(tmp_path, [parts[0], stale], tmp_path / "m3.json"))

@@ -247,7 +247,7 @@ def table1_note(metrics: dict) -> str:
             f"({ioi.get('rowspace_dim', {}).get('resid', '?')} of {ioi.get('dim', {}).get('resid', '?')} dims). "
             f"Nullspace norm ‖v_null‖/‖v‖: v_MLP {nn.get('v_mlp', float('nan')):.2f} (random "
             f"{rn.get('mlp', float('nan')):.2f}), v_resid {nn.get('v_resid', float('nan')):.2f} (random "
-            f"{rn.get('resid', float('nan')):.2f}). cos(v_resid, v_grad) = {cos.get('v_resid_v_grad', float('nan')):.2f}. "
+            f"{rn.get('resid', float('nan')):.2f}). |cos(v_resid, v_grad)| = {cos.get('v_resid_v_grad', float('nan')):.2f}. "
             f"Markers: published numbers, measured on GPT-2 small — ours come from {same}.")
 
 

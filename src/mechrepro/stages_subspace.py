@@ -223,9 +223,10 @@ def subspace_ioi_eval(snk) -> None:
         "sites": {"mlp": f"blocks.{layer}.mlp.hook_post", "resid": f"blocks.{layer}.hook_resid_post"},
         "clean_ld": _float(cache.clean_ld.mean()), "clean_acc": _float(clean_correct.mean()),
         "clean_ld_by_order": {o: _float(cache.clean_ld[test.is_abb == (o == "ABB")].mean()) for o in ("ABB", "BAB")},
-        "cos": {"v_resid_v_grad": _float(F.cosine_similarity(dirs["v_resid"], v_grad, dim=0)),
-                "v_resid_v_mean": _float(F.cosine_similarity(dirs["v_resid"], v_mean, dim=0)),
-                "v_grad_v_mean": _float(F.cosine_similarity(v_grad, v_mean, dim=0))},
+        # |cos|: a direction and its negative give the same patch, so the sign carries no meaning
+        "cos": {"v_resid_v_grad": abs(_float(F.cosine_similarity(dirs["v_resid"], v_grad, dim=0))),
+                "v_resid_v_mean": abs(_float(F.cosine_similarity(dirs["v_resid"], v_mean, dim=0))),
+                "v_grad_v_mean": abs(_float(F.cosine_similarity(v_grad, v_mean, dim=0)))},
         "null_norm": {**parts["null_norm"], "v_grad": null_norm(v_grad, Q_res), "v_mean": null_norm(v_mean, Q_res)},
         "random_null_norm": {"mlp": S.random_null_norm(dim["mlp"], rdim["mlp"]),
                              "resid": S.random_null_norm(dim["resid"], rdim["resid"])},
