@@ -212,9 +212,10 @@ def plot_table1(data: pd.DataFrame, metrics: dict):
         err = np.abs(np.vstack([data[lo].to_numpy(float) * scale, data[hi].to_numpy(float) * scale]) - vals)
         colors = [SITE_COLORS[s] for s in data.site]
         ax.barh(y, vals, xerr=err, color=colors, alpha=0.85, height=0.65, capsize=2, label="ours (95% bootstrap CI)")
-        for yi, v in zip(y, vals):
-            ax.annotate(f"{v:.1f}", (max(v, 0) if np.isfinite(v) else 0, yi), xytext=(4, 0),
-                        textcoords="offset points", va="center", fontsize=8)
+        tops = data[hi].to_numpy(float) * scale
+        for yi, v, top in zip(y, vals, tops):
+            x = np.nanmax([v, top, 0.0]) if np.isfinite(v) else 0.0
+            ax.annotate(f"{v:.1f}", (x, yi), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         for kind, marker, face in (("P", "D", "black"), ("R", "o", "none")):
             sel = (data[kcol] == kind).to_numpy() & np.isfinite(data[pcol].to_numpy(float))
             if sel.any():
@@ -284,16 +285,16 @@ def plot_projections(data: pd.DataFrame):
         ax.set_xlabel("projection at END")
     axes[0, 0].set_ylabel("test pairs")
     axes[1, 0].set_ylabel("test pairs")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncol=2, frameon=False)
+    axes[0, 0].legend(frameon=False, fontsize=8, loc="upper center")
     suptitle(fig, "Clean activations at the site projected on each direction, by name order "
                   "(ABB: IO first; BAB: subject first)")
     return fig
 
 
-PROJECTIONS_NOTE = ("A direction that carries the name-position feature separates ABB from BAB. The paper's illusion in "
-                    "the MLP: the nullspace part of v_MLP separates the two orders (but the out projection ignores it), "
-                    "while its rowspace part hardly varies (a dormant direction).")
+PROJECTIONS_NOTE = ("A direction that carries the name-position feature separates ABB from BAB. In the paper's account "
+                    "of the illusion, the nullspace part of v_MLP separates the two orders (but the out projection "
+                    "ignores it) while its rowspace part hardly varies (a dormant direction); the bottom panels show "
+                    "what this model does.")
 
 
 def dormant_data(art: Artifacts) -> pd.DataFrame:
