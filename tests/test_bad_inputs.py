@@ -195,7 +195,7 @@ RUNTIME_CASES = {
                                 [f"{RESULTS}/data/base.json is corrupt", "delete it and rerun"], None),
     "circuit_head_out_of_range": (_bad_head, [],
                                   [f"{RESULTS}/circuit.json: head [", "of class 'name_mover' is not a [layer, head] pair",
-                                   "heads 0-3", "snakemake --forcerun ioi_circuit"], "ioi_"),
+                                   "heads 0-3", "snakemake --forcerun ioi_circuit"], "(?:ioi_|subspace_ioi_)"),
 }
 
 

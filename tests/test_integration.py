@@ -85,7 +85,8 @@ def _planned_rules(smoke, *config) -> set[str]:
 
 
 def test_parameter_change_reruns_only_dependents(smoke):
-    assert _planned_rules(smoke, "figures={dpi: 61}") == {"ioi_figure", "all"}
+    planned = _planned_rules(smoke, "figures={dpi: 61}")
+    assert "ioi_figure" in planned and all(r == "all" or r.endswith("_figure") for r in planned), planned
     # a parameter only one figure draws with reruns only that figure
     assert _planned_jobs(smoke, "figures={n_attention_samples: 7}") == {"ioi_figure": 1, "all": 1}
     assert _planned_rules(smoke, "value_paths={n_prompts: 6}") == {"ioi_value_paths", "ioi_figure", "all"}

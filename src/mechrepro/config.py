@@ -64,6 +64,10 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
         return f"config key '{where}' is {error.instance!r}; it must be {op} {error.validator_value}"
     if error.validator == "contains":
         return f"config key '{where}' is {error.instance!r}; it must include {error.validator_value.get('const')!r}"
+    if error.validator in ("anyOf", "oneOf"):
+        node = _schema_at(schema, list(error.absolute_path))
+        allowed = " ".join(node.get("description", "").split()) or error.message
+        return f"config key '{where}' is {error.instance!r}; allowed: {allowed}"
     if error.validator == "required":
         return f"config section '{where}' is missing a key: {error.message}"
     return f"config key '{where}': {error.message}"
@@ -80,6 +84,12 @@ def coerce(value, schema: dict):
         return {k: coerce(v, props.get(k, {})) for k, v in value.items()}
     if isinstance(value, list):
         return [coerce(v, schema.get("items", {})) for v in value]
+    if isinstance(value, str) and ("anyOf" in schema or "oneOf" in schema):
+        for alternative in schema.get("anyOf", schema.get("oneOf", [])):
+            converted = coerce(value, alternative)
+            if not isinstance(converted, str):
+                return converted
+        return value
     if isinstance(value, str):
         try:
             if kind == "integer":

@@ -77,12 +77,13 @@ def build(jobs: list[dict]) -> dict:
     for job in jobs:
         outs = [o for o in job["output"] if not o.endswith("metrics.json")]
         metrics = [o for o in job["output"] if o.endswith("metrics.json")]
-        params = [{"config/config.yaml": config_keys(job["rule"], job["wildcards"])}]
+        keys = config_keys(job["rule"], job["wildcards"])
         stage = {
             "cmd": f"snakemake --cores 2 --force --allowed-rules {job['rule']} {' '.join(job['output'])}",
             "deps": sorted(set(job["input"]) | set(CODE_DEPS)),
-            "params": params,
         }
+        if keys:  # a rule that reads no config key has no params (an empty list is not one)
+            stage["params"] = [{"config/config.yaml": keys}]
         if outs:
             stage["outs"] = outs
         if metrics:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 RESULTS = "results/ioi_generalization"
 FIGURES = "figures/ioi_generalization"
+SUBSPACE_RESULTS = "results/subspace_illusion"  # Study B
+SUBSPACE_FIGURES = "figures/subspace_illusion"
 
 RULE_CONFIG: dict[str, list[str]] = {
     "prepare_model": ["seed", "model.name"],
@@ -21,6 +23,15 @@ RULE_CONFIG: dict[str, list[str]] = {
     "ioi_metrics": ["model.name"],
     "ioi_figure": ["figures.dpi"],
     "scorecard": ["model.name", "studies"],
+    # Study B, toy and IOI parts (workflow/rules/subspace.smk)
+    "subspace_toy": [],
+    "subspace_ioi_dataset": ["seed", "ioi.data_file", "subspace_ioi.data_file", "subspace_ioi.n_train",
+                             "subspace_ioi.n_test"],
+    "subspace_ioi_das": ["seed", "model", "subspace.layer", "subspace_ioi.lr", "subspace_ioi.epochs",
+                         "subspace_ioi.batch"],
+    "subspace_ioi_eval": ["model", "subspace.layer"],
+    "subspace_metrics": ["model.name"],
+    "subspace_figure": ["figures.dpi"],
 }
 
 # Config keys read by only some jobs of a rule: rule -> (wildcard, {wildcard value: extra keys}).
@@ -43,6 +54,19 @@ IOI_FIGURES: dict[str, list[str]] = {
 }
 
 
+# Study B's metrics.json merges these part files: every top-level key of each is copied in.
+SUBSPACE_PARTS: list[str] = [f"{SUBSPACE_RESULTS}/toy.json", f"{SUBSPACE_RESULTS}/ioi.json"]
+
+# Figure notebooks of Study B's toy and IOI parts (notebooks/subspace_illusion/<name>.ipynb) and the
+# files each reads.
+SUBSPACE_FIGURE_INPUTS: dict[str, list[str]] = {
+    "toy_example": [f"{SUBSPACE_RESULTS}/toy.json"],
+    "ioi_table1": [f"{SUBSPACE_RESULTS}/metrics.json", f"{SUBSPACE_RESULTS}/ioi_pairs.csv", "reference/published.yaml"],
+    "ioi_projections": [f"{SUBSPACE_RESULTS}/metrics.json", f"{SUBSPACE_RESULTS}/ioi_projections.csv"],
+    "ioi_dormant_pathway": [f"{SUBSPACE_RESULTS}/metrics.json", f"{SUBSPACE_RESULTS}/ioi_dormant.csv"],
+}
+
+
 def model_dir(name: str) -> str:
     """Directory of a prepared model (hub ids become file-system safe names)."""
     safe = name.replace("/", "--").replace(":", "_")
@@ -53,6 +77,7 @@ def model_dir(name: str) -> str:
 # reference/published.yaml) and its metrics file. Each study adds its figures in ``study_outputs``.
 STUDIES: dict[str, dict[str, str]] = {
     "ioi_generalization": {"scorecard": "study_a", "metrics": f"{RESULTS}/metrics.json"},
+    "subspace_illusion": {"scorecard": "study_b", "metrics": f"{SUBSPACE_RESULTS}/metrics.json"},
 }
 
 
@@ -60,6 +85,9 @@ def study_outputs(study: str, config: dict) -> list[str]:
     """The figures and metrics file of one study."""
     if study == "ioi_generalization":
         figs = [f"{FIGURES}/{fig}.png" for fig in figures_for(config["ioi"]["variants"])]
+        return figs + [STUDIES[study]["metrics"]]
+    if study == "subspace_illusion":
+        figs = [f"{SUBSPACE_FIGURES}/{fig}.png" for fig in SUBSPACE_FIGURE_INPUTS]
         return figs + [STUDIES[study]["metrics"]]
     raise KeyError(f"unknown study {study!r}")
 
