@@ -33,30 +33,41 @@ log = logging.getLogger("mechrepro")
 # ------------------------------------------------------------------ helpers
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], prov: dict,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors as safetensors (an open format), atomically, with a provenance sidecar."""
+    """Write tensors as safetensors (an open format), atomically, with a provenance sidecar.
+
+    ``metadata`` is stored as one JSON string under the key ``mechrepro`` (sorted keys): safetensors
+    writes several metadata entries in an arbitrary order, which would make equal files differ.
+    """
+    import json
+
     from safetensors.torch import save_file
 
+    meta = {"mechrepro": json.dumps(metadata or {}, sort_keys=True)}
     with art.atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     art.write_provenance(path, prov)
     return Path(path)
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors artifact; a corrupt file raises :class:`ArtifactError`."""
+    import json
+
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta.get("mechrepro", "{}"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise art.ArtifactError(f"{path} is corrupt ({exc}); delete it and rerun 'snakemake {path}'") from exc
 
 
 @contextlib.contextmanager
 def one_thread():
-    """Run gradient computations on one thread, so that their sums are added in the same order
-    whatever number of cores Snakemake gives the job (results are then identical)."""
+    """Run gradient computations, reductions and decompositions (SVD) on one thread, so that their
+    sums are added in the same order whatever number of cores Snakemake gives the job (results are
+    then identical; the forward passes do not depend on the thread count)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -197,15 +208,16 @@ def subspace_ioi_eval(snk) -> None:
     t = {}
     t0 = time.time()
     c_train = cache_site(model, train, layer, bs, progress=log.info)
-    with one_thread():
+    with one_thread():  # gradients, means and SVDs add in a thread-dependent order otherwise
         v_grad = grad_direction(model, c_train, train, name_movers, bs)
-    v_mean = mean_direction(c_train, train)
+        v_mean = mean_direction(c_train, train)
     del c_train
     t["baselines_s"] = time.time() - t0
     t0 = time.time()
     cache = cache_site(model, test, layer, bs, progress=log.info)
     t["cache_test_s"] = time.time() - t0
-    parts = decompose_all(model, layer, learned["v_mlp"], learned["v_resid"], name_movers)
+    with one_thread():
+        parts = decompose_all(model, layer, learned["v_mlp"], learned["v_resid"], name_movers)
     dirs = {"v_mlp": learned["v_mlp"], "v_resid": learned["v_resid"], **parts["dirs"], "v_grad": v_grad,
             "v_mean": v_mean}
     t0 = time.time()

@@ -160,9 +160,9 @@ rule subspace_figure:
     params:
         cfg=cfg("subspace_figure"),
         cfg_json=lambda w: json.dumps(rule_config("subspace_figure", config, w)),
-        results=lambda w: os.path.abspath(B),
-        figures=lambda w: os.path.abspath(SUBSPACE_FIGURES),
-        reference=lambda w: os.path.abspath("reference/published.yaml"),
+        results=lambda w: B,
+        figures=lambda w, output: os.path.dirname(output.png),
+        reference=lambda w: "reference/published.yaml",
         dpi=config["figures"]["dpi"],
     log:
         "logs/subspace_figure/{sfig}.log",
@@ -175,8 +175,10 @@ rule subspace_figure:
     conda:
         ENV
     shell:
+        # absolute paths made by the shell: as params they would differ in a copy of the workflow
+        # directory and rerun the figures
         "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
-        "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.sfig} "
-        "-p reference_file {params.reference} -p dpi {params.dpi} > {log} 2>&1 && "
+        '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.sfig} '
+        '-p reference_file "$PWD/{params.reference}" -p dpi {params.dpi} > {log} 2>&1 && '
         "python -m mechrepro record subspace_figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"
