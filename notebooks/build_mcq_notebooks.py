@@ -129,7 +129,10 @@ FIGURES = {
              "data",
         plot="fig = plotting_mcq.plot_low_rank(data, lr, keys)\n"
              "plotting_mcq.add_caption(fig, plotting_mcq.caption(art, f\"{lr['n_fit']} fit + {lr['n_test']} test "
-             "questions\", f\"Loss: full head {lr['full']['loss']:.3f}, mean-ablated {lr['ablated']['loss']:.3f}.\"))",
+             "questions\", f\"Loss: full head {lr['full']['loss']:.3f}, mean-ablated {lr['ablated']['loss']:.3f}. \"\n"
+             "    f\"This head ({metrics['low_rank']['head_category']}) puts {metrics['low_rank']['head_label_attention']:.3f} \"\n"
+             "    'of its attention on the labels: when that is small, compressing its keys and values at the labels '\n"
+             "    'cannot matter and a flat curve says nothing about an enumeration feature.'))",
     ),
     "fig11_mutations": dict(
         title="Figure 11 — label mutations with the full, low-rank and mean-ablated head",
@@ -143,7 +146,9 @@ FIGURES = {
         data="data = plotting_mcq.mutations_data(art)\ndata",
         plot="fig = plotting_mcq.plot_mutations(data)\n"
              "plotting_mcq.add_caption(fig, plotting_mcq.caption(art, 'the normal-label-correct questions: ' + "
-             "', '.join(f'{s} {int(n)}' for s, n in data.groupby('label_set', sort=False).n.first().items())))",
+             "', '.join(f'{s} {int(n)}' for s, n in data.groupby('label_set', sort=False).n.first().items()), "
+             "f\"The head ({metrics['low_rank']['head_category']}) puts {metrics['low_rank']['head_label_attention']:.3f} \"\n"
+             "    'of its attention on the labels; the low-rank edit only touches its query and its keys/values at the labels.'))",
     ),
 }
 

@@ -203,7 +203,7 @@ def plot_heads(data: pd.DataFrame, top: int = 8):
     ax.set_title("category (text: correct-label share / label attention)", fontsize=9)
     for c in cats[:-1]:
         ax.bar([0], [0], color=CATEGORY_COLORS[c], label=c)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12), ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.2), ncol=3)
     letters = [c.removeprefix("dla_") for c in data.columns if c.startswith("dla_")]
     sel = data.reindex(data.dla.abs().sort_values(ascending=False).index[:top])
     x = np.arange(len(sel))
