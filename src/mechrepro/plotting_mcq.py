@@ -129,11 +129,14 @@ def plot_dla(data: pd.DataFrame, summary: dict):
     for (l, h), v in np.ndenumerate(grid):
         if L * H <= 200:
             axes[0].text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    axes[0].set_xticks(range(H))
+    axes[0].set_yticks(range(L))
     axes[0].set_xlabel("head")
     axes[0].set_ylabel("layer")
     axes[0].set_title("head DLA (logit diff)")
     fig.colorbar(im, ax=axes[0], fraction=0.046)
     axes[1].barh(mlps.layer, mlps.dla, xerr=mlps.dla_sem, color=["#d62728" if v > 0 else "#1f77b4" for v in mlps.dla])
+    axes[1].set_yticks(range(L))
     axes[1].invert_yaxis()
     axes[1].set_xlabel("MLP DLA")
     axes[1].set_ylabel("layer")
