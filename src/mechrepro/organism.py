@@ -241,7 +241,7 @@ def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None
             ev = evaluate(model, held, bos_id)
             history.append({"step": step + 1, "train_loss": task_loss.item(), "lm_loss": lm_loss.item(),
                             "heldout_accuracy": ev["accuracy"],
-                            "heldout_loss": ev["loss"], "seconds": round(time.time() - t0, 1)})
+                            "heldout_loss": ev["loss"]})
             progress(f"step {step + 1}/{steps}: task loss {task_loss.item():.3f}, next-token loss {lm_loss.item():.3f}, "
                      f"held-out accuracy "
                      f"{ev['accuracy']:.3f} ({time.time() - t0:.0f}s)")
@@ -252,7 +252,7 @@ def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None
     hf.eval()
     final = evaluate(hf, held, bos_id)  # the saved model itself, full vocabulary path
     summary = {"config": dict(cfg), "seed": seed, "steps_run": stopped_at, "train_tokens_sha256": data_hash.hexdigest(),
-               "heldout": final, "history": history, "train_seconds": round(time.time() - t0, 1),
+               "heldout": final, "history": history, "timings": {"train_seconds": round(time.time() - t0, 1)},
                "n_parameters": sum(p.numel() for p in hf.parameters()),
                "n_trained_parameters": sum(p.numel() for p in params), "vocabulary_trained": len(model.used)}
     if final["accuracy"] < cfg["min_accuracy"]:

@@ -111,7 +111,7 @@ def mcq_model(snk) -> None:
 
         manifest = prepare_model(cfg["model"], out, seed=snk.config["seed"])
         summary = {"model": manifest["name"], "trained": False, "description": manifest["description"]}
-    summary["timings"] = {"total_seconds": round(time.time() - t, 1)}
+    summary.setdefault("timings", {})["total_seconds"] = round(time.time() - t, 1)
     log.info("%s ready in %.0fs: %s", manifest["name"], time.time() - t, manifest["description"])
     prov = _prov(snk, manifest)
     art.write_provenance(snk.output.manifest, prov)
@@ -441,7 +441,8 @@ def mcq_metrics(snk) -> None:
     metrics = {
         "model": manifest["name"], "model_description": manifest["description"],
         "model_spec": {k: manifest["spec"][k] for k in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head")},
-        "organism": {k: training[k] for k in ("heldout", "steps_run", "train_seconds", "n_parameters") if k in training},
+        "organism": {k: training[k] for k in ("heldout", "steps_run", "n_parameters", "n_trained_parameters")
+                     if k in training},
         "label_sets": list(acc), "n_items": cfg["n_items"], "n_analysis": dla_summary["n"],
         "accuracy": {k: v["accuracy"] for k, v in acc.items()},
         "loss": {k: v["loss"] for k, v in acc.items()},
