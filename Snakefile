@@ -25,6 +25,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/ioi.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/subspace.smk"
+include: "workflow/rules/mcq.smk"
 include: "workflow/rules/scorecard.smk"
 
 

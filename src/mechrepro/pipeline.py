@@ -11,6 +11,8 @@ RESULTS = "results/ioi_generalization"
 FIGURES = "figures/ioi_generalization"
 SUBSPACE_RESULTS = "results/subspace_illusion"  # Study B
 SUBSPACE_FIGURES = "figures/subspace_illusion"
+MCQ_RESULTS = "results/mcq_circuits"
+MCQ_FIGURES = "figures/mcq_circuits"
 
 RULE_CONFIG: dict[str, list[str]] = {
     "prepare_model": ["seed", "model.name"],
@@ -22,6 +24,16 @@ RULE_CONFIG: dict[str, list[str]] = {
     "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
     "ioi_metrics": ["model.name"],
     "ioi_figure": ["figures.dpi"],
+    "mcq_model": ["seed", "mcq.model", "mcq.organism"],
+    "mcq_dataset": ["seed", "mcq.model", "mcq.n_items", "mcq.n_shots"],
+    "mcq_accuracy": ["model.device", "model.dtype", "mcq.batch_size"],
+    "mcq_dla": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.top_k"],
+    "mcq_patching": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.max_rows"],
+    "mcq_heads": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis"],
+    "mcq_low_rank": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.low_rank"],
+    "mcq_mutations": ["model.device", "model.dtype", "mcq.batch_size"],
+    "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets"],
+    "mcq_figure": ["figures.dpi"],
     "scorecard": ["model.name", "studies"],
     # Study B, toy and IOI parts (workflow/rules/subspace.smk)
     "subspace_toy": [],
@@ -65,6 +77,16 @@ SUBSPACE_FIGURE_INPUTS: dict[str, list[str]] = {
     "ioi_projections": [f"{SUBSPACE_RESULTS}/metrics.json", f"{SUBSPACE_RESULTS}/ioi_projections.csv"],
     "ioi_dormant_pathway": [f"{SUBSPACE_RESULTS}/metrics.json", f"{SUBSPACE_RESULTS}/ioi_dormant.csv"],
 }
+# Figure notebooks of Study C (notebooks/mcq_circuits/<name>.ipynb).
+MCQ_FIGURES_LIST: list[str] = ["accuracy_table", "dla", "patching", "head_categories", "low_rank",
+                               "fig11_mutations"]
+
+
+def mcq_model_dir(name: str) -> str:
+    """Directory of Study C's model: the trained organism, or a registry model prepared for it."""
+    if name == "organism":
+        return "resources/models/mcq-organism"
+    return f"resources/mcq_models/{name.replace('/', '--').replace(':', '_')}"
 
 
 def model_dir(name: str) -> str:
@@ -78,6 +100,7 @@ def model_dir(name: str) -> str:
 STUDIES: dict[str, dict[str, str]] = {
     "ioi_generalization": {"scorecard": "study_a", "metrics": f"{RESULTS}/metrics.json"},
     "subspace_illusion": {"scorecard": "study_b", "metrics": f"{SUBSPACE_RESULTS}/metrics.json"},
+    "mcq_circuits": {"scorecard": "study_c", "metrics": f"{MCQ_RESULTS}/metrics.json"},
 }
 
 
@@ -89,6 +112,8 @@ def study_outputs(study: str, config: dict) -> list[str]:
     if study == "subspace_illusion":
         figs = [f"{SUBSPACE_FIGURES}/{fig}.png" for fig in SUBSPACE_FIGURE_INPUTS]
         return figs + [STUDIES[study]["metrics"]]
+    if study == "mcq_circuits":
+        return [f"{MCQ_FIGURES}/{fig}.png" for fig in MCQ_FIGURES_LIST] + [STUDIES[study]["metrics"]]
     raise KeyError(f"unknown study {study!r}")
 
 

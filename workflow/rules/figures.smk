@@ -30,8 +30,8 @@ rule ioi_figure:
     params:
         cfg=cfg("ioi_figure"),
         cfg_json=lambda w: json.dumps(rule_config("ioi_figure", config, w)),
-        results=lambda w: os.path.abspath(RESULTS),
-        figures=lambda w: os.path.abspath(FIGURES),
+        results=lambda w: RESULTS,
+        figures=lambda w: FIGURES,
         nb=lambda w: json.dumps({NB_PARAM[k]: v for k, v in rule_config("ioi_figure", config, w).items()}),
     log:
         "logs/ioi_figure/{fig}.log",
@@ -44,8 +44,10 @@ rule ioi_figure:
     conda:
         ENV
     shell:
+        # absolute paths made by the shell: as params they would differ in a copy of the workflow
+        # directory and rerun the figures
         "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
-        "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.fig} "
+        '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.fig} '
         "-y {params.nb:q} > {log} 2>&1 && "
         "python -m mechrepro record ioi_figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"

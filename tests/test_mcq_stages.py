@@ -1,0 +1,100 @@
+"""Study C stages called directly: the organism (trained, saved, loaded like any model), the
+real-model path on a tiny random grouped-query Llama with MMLU prompts, and a clear error when a
+hub model cannot be reached."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from mechrepro import artifacts as art
+from mechrepro import mcq, organism, stages_mcq
+from mechrepro.registry import ModelUnavailableError, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Files(list):
+    """Snakemake-like named file list."""
+
+    def __init__(self, **named):
+        super().__init__(v for v in named.values() if not isinstance(v, list))
+        for k, v in named.items():
+            setattr(self, k, v)
+
+
+def _snk(rule: str, config: dict, tmp: Path, inputs: dict, outputs: dict, wildcards: dict | None = None):
+    return SimpleNamespace(rule=rule, config=config, input=_Files(**inputs), output=_Files(**outputs),
+                           wildcards=SimpleNamespace(**(wildcards or {})), log=[str(tmp / f"{rule}.log")], threads=1)
+
+
+@pytest.fixture(scope="module")
+def smoke_config():
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["mcq"]["n_items"] = 8
+    return cfg
+
+
+def test_organism_trains_saves_and_loads_like_any_model(tmp_path, tokenizer, one_thread):
+    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
+    cfg.update(steps=4, eval_every=2, n_eval=8)
+    hf, summary = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
+    assert summary["steps_run"] == 4 and len(summary["train_tokens_sha256"]) == 64
+    manifest = organism.save(hf, tokenizer, tmp_path / "m", summary)
+    assert manifest["source"]["kind"] == "trained" and manifest["spec"]["n_kv_heads"] == 2
+    lm = load_model(tmp_path / "m")
+    assert lm.manifest["weight_sha256"] == manifest["weight_sha256"]
+    prompts = mcq.make_prompts(mcq.synthetic_items(8, 5), "random_letters", lm.tokenizer, lm.bos_id, 0)
+    batch = mcq.to_batch(prompts, lm.bos_id)
+    with torch.no_grad():
+        ours = lm.model(batch["tokens"], logits_at=batch["end"]).gather(1, batch["answer_ids"])
+        ref = organism.option_logits(hf, batch)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # a second training run with the same seed is identical
+    hf2, summary2 = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
+    assert summary2["train_tokens_sha256"] == summary["train_tokens_sha256"]
+    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), hf2.state_dict().values()))
+
+
+def test_organism_below_the_gate_fails_with_the_measured_accuracy(tokenizer, one_thread):
+    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
+    cfg.update(steps=2, eval_every=2, n_eval=8, min_accuracy=0.99)
+    with pytest.raises(organism.OrganismTooWeakError, match=r"reached 0\.\d+ held-out accuracy .*min_accuracy = 0\.99"):
+        organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
+
+
+def test_real_model_path_on_a_tiny_grouped_query_llama_with_mmlu(tmp_path, smoke_config, one_thread):
+    cfg = copy.deepcopy(smoke_config)
+    cfg["mcq"].update(model="tiny-llama", n_shots=1)
+    mdir = tmp_path / "model"
+    stages_mcq.mcq_model(_snk("mcq_model", cfg, tmp_path, {}, {"manifest": str(mdir / "manifest.json"),
+                                                                  "training": str(tmp_path / "organism.json")}))
+    assert art.read_json(tmp_path / "organism.json")["trained"] is False
+    data = tmp_path / "abcd.json"
+    stages_mcq.mcq_dataset(_snk("mcq_dataset", cfg, tmp_path, {"manifest": str(mdir / "manifest.json")},
+                                {"out": str(data)}, {"labels": "abcd"}))
+    d = art.read_json(data)
+    assert d["n"] == 8 and len(d["shots"]) == 1 and d["source"].startswith("MMLU")
+    assert {it["uid"] for it in d["items"]}.isdisjoint({s["uid"] for s in d["shots"]})  # shots never evaluated
+    assert d["prompts"][0]["text"].count("Answer:") == 2 and len(d["corrupted"]) == 8
+    acc = tmp_path / "acc"
+    stages_mcq.mcq_accuracy(_snk("mcq_accuracy", cfg, tmp_path, {"manifest": str(mdir / "manifest.json"),
+                                                                   "data": str(data)},
+                                 {"csv": str(acc) + ".csv", "json": str(acc) + ".json"}))
+    summary = art.read_json(str(acc) + ".json")
+    assert summary["n"] == 8 and 0 <= summary["accuracy"] <= 1 and summary["model"] == "tiny-llama"
+
+
+def test_unreachable_hub_model_gives_a_clear_error(tmp_path, smoke_config, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = copy.deepcopy(smoke_config)
+    cfg["mcq"]["model"] = "hf:Qwen/Qwen2.5-0.5B"
+    snk = _snk("mcq_model", cfg, tmp_path, {}, {"manifest": str(tmp_path / "m" / "manifest.json"),
+                                                "training": str(tmp_path / "organism.json")})
+    with pytest.raises(ModelUnavailableError, match="cannot load 'Qwen/Qwen2.5-0.5B'.*HF_HOME"):
+        stages_mcq.mcq_model(snk)
