@@ -258,8 +258,6 @@ rule mcq_figure:
     params:
         cfg=cfg("mcq_figure"),
         cfg_json=lambda w: json.dumps(rule_config("mcq_figure", config)),
-        results=lambda w: os.path.abspath(MCQ_RESULTS),
-        figures=lambda w: os.path.abspath(MCQ_FIGURES),
         dpi=config["figures"]["dpi"],
     log:
         "logs/mcq_figure/{mcqfig}.log",
@@ -273,7 +271,8 @@ rule mcq_figure:
         ENV
     shell:
         "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
-        "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.mcqfig} "
+        # absolute paths from $PWD, not params: a copied run directory must not look changed
+        f'-p results_dir "$PWD/{MCQ_RESULTS}" -p figures_dir "$PWD/{MCQ_FIGURES}" -p fig_name {{wildcards.mcqfig}} '
         "-p dpi {params.dpi} > {log} 2>&1 && "
         "python -m mechrepro record mcq_figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"
