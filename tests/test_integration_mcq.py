@@ -23,14 +23,14 @@ def smoke(tmp_path_factory) -> Path:
 def test_metrics_contract(smoke):
     m = json.loads((smoke / MCQ_RESULTS / "metrics.json").read_text())
     assert m["model"] == "mcq-organism" and "trained here" in m["model_description"]
-    assert set(m["accuracy"]) == {"abcd", "random_letters", "numbers"}
+    assert set(m["accuracy"]) == {"abcd", "numbers"}
     assert all(0.0 <= v <= 1.0 for v in m["accuracy"].values())
     assert len(m["top_nodes"]) == 5
     for node in m["top_nodes"]:
         assert set(node) == {"node", "dla", "total_effect", "direct_effect", "category"}
         assert node["node"].startswith(("L", "MLP")) and isinstance(node["dla"], float)
     assert set(m["low_rank"]["loss_by_rank"]) == {"1", "2", "4", "full"}  # d_head 8 in smoke: 8 is "full"
-    assert set(m["mutations"]) == {"abcd", "random_letters", "numbers"}
+    assert set(m["mutations"]) == {"abcd", "numbers"}
     for row in m["mutations"].values():
         assert set(row) == {"full", "low_rank", "ablated"}
     # the full head on normal labels is the model itself on the items it answers correctly
