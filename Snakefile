@@ -24,6 +24,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/ioi.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/facts.smk"
 include: "workflow/rules/scorecard.smk"
 
 

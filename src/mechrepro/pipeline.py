@@ -9,6 +9,9 @@ from __future__ import annotations
 
 RESULTS = "results/ioi_generalization"
 FIGURES = "figures/ioi_generalization"
+FACTS_RESULTS = "results/subspace_illusion"  # Study B's factual-recall part (facts.json, rome.json)
+FACTS_FIGURES = "figures/subspace_illusion"
+FACTS_FIGURE_NAMES = ["facts_flips", "facts_null_norm", "rome_rewrite"]
 
 RULE_CONFIG: dict[str, list[str]] = {
     "prepare_model": ["seed", "model.name"],
@@ -20,6 +23,16 @@ RULE_CONFIG: dict[str, list[str]] = {
     "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
     "ioi_metrics": ["model.name"],
     "ioi_figure": ["figures"],
+    # Study B, factual recall and fact editing (workflow/rules/facts.smk)
+    "facts_dataset": ["seed", "model", "facts.data_file", "facts.counterfact_file", "facts.require_correct",
+                      "facts.n_pairs", "facts.min_pairs"],
+    "facts_key_stats": ["model", "rome.corpus", "rome.corpus_tokens", "rome.chunk_tokens"],
+    "facts_layer": ["seed", "model", "facts.steps", "facts.lrs"],
+    "rome_layer": ["model", "rome.n_pairs", "rome.steps", "rome.lr", "rome.weight_decay", "rome.clamp",
+                   "rome.ridge"],
+    "facts_summary": ["model.name"],
+    "rome_summary": ["model.name"],
+    "facts_figure": ["figures.dpi"],
     "scorecard": ["model.name", "studies"],
 }
 
@@ -47,6 +60,8 @@ def model_dir(name: str) -> str:
 # reference/published.yaml) and its metrics file. Each study adds its figures in ``study_outputs``.
 STUDIES: dict[str, dict[str, str]] = {
     "ioi_generalization": {"scorecard": "study_a", "metrics": f"{RESULTS}/metrics.json"},
+    # Study B's factual-recall part on its own until it joins the subspace_illusion study.
+    "subspace_facts": {"scorecard": "study_b_facts", "metrics": f"{FACTS_RESULTS}/facts.json"},
 }
 
 
@@ -55,6 +70,9 @@ def study_outputs(study: str, config: dict) -> list[str]:
     if study == "ioi_generalization":
         figs = [f"{FIGURES}/{fig}.png" for fig in figures_for(config["ioi"]["variants"])]
         return figs + [STUDIES[study]["metrics"]]
+    if study == "subspace_facts":
+        figs = [f"{FACTS_FIGURES}/{fig}.png" for fig in FACTS_FIGURE_NAMES]
+        return figs + [f"{FACTS_RESULTS}/facts.json", f"{FACTS_RESULTS}/rome.json"]
     raise KeyError(f"unknown study {study!r}")
 
 

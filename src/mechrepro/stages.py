@@ -285,7 +285,7 @@ def scorecard(snk) -> None:
 
 
 # Modules holding the stage functions, searched in order by rule name.
-STAGE_MODULES = ("mechrepro.stages",)
+STAGE_MODULES = ("mechrepro.stages", "mechrepro.stages_facts")
 
 
 def dispatch(snk) -> None:
