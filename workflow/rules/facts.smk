@@ -165,8 +165,8 @@ rule facts_figure:
     output:
         png=report(
             f"{FACTS_FIG}/{{facts_fig}}.png",
-            caption="../report/figure.rst",
-            category="Study B: subspace patching illusion (facts)",
+            caption="../report/facts_figure.rst",
+            category="Study B: subspace patching illusion",
         ),
         csv=f"{FACTS_FIG}/{{facts_fig}}.csv",
         notebook="results/notebooks/subspace_illusion/{facts_fig}.ipynb",
