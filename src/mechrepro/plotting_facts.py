@@ -72,7 +72,7 @@ def _depth(art: FactArtifacts, layer) -> float:
 
 def caption(art: FactArtifacts, n: str, note: str = "") -> str:
     text = f"Model: {art.description}. N = {n}."
-    if "Q4_1" in art.description or "smollm2" in str(art.data.get("model", "")):
+    if "smollm2" in str(art.data.get("model", "")) and "Q4_1" not in art.description:
         text += " SmolLM2 is the Q4_1-quantised GGUF copy, dequantised: its weights differ from the original checkpoint."
     if not art.data.get("require_correct", True):
         text += " Facts were NOT filtered by the model's answers (facts.require_correct: false, a test setting)."
@@ -175,7 +175,7 @@ def plot_rome(data: pd.DataFrame, art: FactArtifacts):
                         xytext=(0, -14), ha="center", fontsize=7, color="C0")
     ax.set_xlabel("relative depth (layer / number of layers); our layers: " + ", ".join(map(str, data.layer)))
     ax.set_ylabel("mean rewrite score")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     suptitle(fig, "Fact editing: ROME vs the 1-D subspace intervention it amounts to")
     n = int(data.n_pairs.max()) if len(data) else 0
     add_caption(fig, caption(art, f"{n} edits per layer", "Rewrite score (p_after - p_before) / (1 - p_before) of "
