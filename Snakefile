@@ -26,6 +26,7 @@ include: "workflow/rules/ioi.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/subspace.smk"
 include: "workflow/rules/mcq.smk"
+include: "workflow/rules/facts.smk"
 include: "workflow/rules/scorecard.smk"
 
 

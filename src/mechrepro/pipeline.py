@@ -13,6 +13,9 @@ SUBSPACE_RESULTS = "results/subspace_illusion"  # Study B
 SUBSPACE_FIGURES = "figures/subspace_illusion"
 MCQ_RESULTS = "results/mcq_circuits"
 MCQ_FIGURES = "figures/mcq_circuits"
+FACTS_RESULTS = "results/subspace_illusion"  # Study B's factual-recall part (facts.json, rome.json)
+FACTS_FIGURES = "figures/subspace_illusion"
+FACTS_FIGURE_NAMES = ["facts_flips", "facts_null_norm", "rome_rewrite"]
 
 RULE_CONFIG: dict[str, list[str]] = {
     "prepare_model": ["seed", "model.name"],
@@ -34,6 +37,16 @@ RULE_CONFIG: dict[str, list[str]] = {
     "mcq_mutations": ["model.device", "model.dtype", "mcq.batch_size"],
     "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets"],
     "mcq_figure": ["figures.dpi"],
+    # Study B, factual recall and fact editing (workflow/rules/facts.smk)
+    "facts_dataset": ["seed", "model", "facts.data_file", "facts.counterfact_file", "facts.require_correct",
+                      "facts.n_pairs", "facts.min_pairs"],
+    "facts_key_stats": ["model", "rome.corpus", "rome.corpus_tokens", "rome.chunk_tokens"],
+    "facts_layer": ["seed", "model", "facts.steps", "facts.lrs"],
+    "rome_layer": ["model", "rome.n_pairs", "rome.steps", "rome.lr", "rome.weight_decay", "rome.clamp",
+                   "rome.ridge"],
+    "facts_summary": ["model.name"],
+    "rome_summary": ["model.name"],
+    "facts_figure": ["figures.dpi"],
     "scorecard": ["model.name", "studies"],
     # Study B, toy and IOI parts (workflow/rules/subspace.smk)
     "subspace_toy": [],
@@ -67,7 +80,8 @@ IOI_FIGURES: dict[str, list[str]] = {
 
 
 # Study B's metrics.json merges these part files: every top-level key of each is copied in.
-SUBSPACE_PARTS: list[str] = [f"{SUBSPACE_RESULTS}/toy.json", f"{SUBSPACE_RESULTS}/ioi.json"]
+SUBSPACE_PARTS: list[str] = [f"{SUBSPACE_RESULTS}/toy.json", f"{SUBSPACE_RESULTS}/ioi.json",
+                              f"{FACTS_RESULTS}/facts.json", f"{FACTS_RESULTS}/rome.json"]
 
 # Figure notebooks of Study B's toy and IOI parts (notebooks/subspace_illusion/<name>.ipynb) and the
 # files each reads.
@@ -95,12 +109,13 @@ def model_dir(name: str) -> str:
     return f"resources/models/{safe}"
 
 
-# The studies, by their name in config ``studies``: the scorecard's key for the study (an entry of
+# The studies, by their name in config ``studies``: the scorecard's keys for the study (entries of
 # reference/published.yaml) and its metrics file. Each study adds its figures in ``study_outputs``.
-STUDIES: dict[str, dict[str, str]] = {
-    "ioi_generalization": {"scorecard": "study_a", "metrics": f"{RESULTS}/metrics.json"},
-    "subspace_illusion": {"scorecard": "study_b", "metrics": f"{SUBSPACE_RESULTS}/metrics.json"},
-    "mcq_circuits": {"scorecard": "study_c", "metrics": f"{MCQ_RESULTS}/metrics.json"},
+STUDIES: dict[str, dict] = {
+    "ioi_generalization": {"scorecard": ["study_a"], "metrics": f"{RESULTS}/metrics.json"},
+    # Study B's IOI part (GPT-2 small) and its factual-recall part (GPT2-XL) compare with different models
+    "subspace_illusion": {"scorecard": ["study_b", "study_b_facts"], "metrics": f"{SUBSPACE_RESULTS}/metrics.json"},
+    "mcq_circuits": {"scorecard": ["study_c"], "metrics": f"{MCQ_RESULTS}/metrics.json"},
 }
 
 
@@ -110,7 +125,7 @@ def study_outputs(study: str, config: dict) -> list[str]:
         figs = [f"{FIGURES}/{fig}.png" for fig in figures_for(config["ioi"]["variants"])]
         return figs + [STUDIES[study]["metrics"]]
     if study == "subspace_illusion":
-        figs = [f"{SUBSPACE_FIGURES}/{fig}.png" for fig in SUBSPACE_FIGURE_INPUTS]
+        figs = [f"{SUBSPACE_FIGURES}/{fig}.png" for fig in [*SUBSPACE_FIGURE_INPUTS, *FACTS_FIGURE_NAMES]]
         return figs + [STUDIES[study]["metrics"]]
     if study == "mcq_circuits":
         return [f"{MCQ_FIGURES}/{fig}.png" for fig in MCQ_FIGURES_LIST] + [STUDIES[study]["metrics"]]
@@ -119,7 +134,7 @@ def study_outputs(study: str, config: dict) -> list[str]:
 
 def study_metrics(config: dict) -> dict[str, str]:
     """``{scorecard key: metrics.json path}`` of the configured studies (the scorecard's inputs)."""
-    return {STUDIES[s]["scorecard"]: STUDIES[s]["metrics"] for s in config["studies"]}
+    return {key: STUDIES[s]["metrics"] for s in config["studies"] for key in STUDIES[s]["scorecard"]}
 
 
 def all_outputs(config: dict) -> list[str]:

@@ -175,15 +175,20 @@ def edited(model: Transformer, layer: int, W_new: Tensor) -> Iterator[Transforme
 
 
 # ------------------------------------------------------------------ patches <-> rank-1 edits
-def patch_to_rank1_edit(W: Tensor, v: Tensor, k_base: Tensor, k_src: Tensor, C: Tensor | None) -> Tensor:
+def patch_to_rank1_edit(W: Tensor, v: Tensor, k_base: Tensor, k_src: Tensor, C: Tensor | None,
+                        C_pinv: Tensor | None = None) -> Tensor:
     """``W + b ⊗ (a · vᵀW)``: the edit that reproduces the 1-D patch along unit ``v`` at ``k_base``.
 
     ``a = vᵀ(k_src − k_base)``, ``b = C⁺k_base / (k_baseᵀC⁺k_base)`` (``C = None``: identity).
     With the edited weights, ``k_baseᵀW'`` equals the patched key's value
     ``(k_base + a v)ᵀW`` exactly; any other key ``k`` gains ``(kᵀb) · a · vᵀW``.
+    ``C_pinv`` (if given, ``C`` is ignored): ``C⁺`` computed once for many edits of one layer.
     """
     a = v @ (k_src - k_base)
-    Ck = k_base if C is None else torch.linalg.pinv(C, hermitian=True) @ k_base
+    if C_pinv is not None:
+        Ck = C_pinv @ k_base
+    else:
+        Ck = k_base if C is None else torch.linalg.pinv(C, hermitian=True) @ k_base
     b = Ck / (k_base @ Ck)
     return W + torch.outer(b, a * (v @ W))
 

@@ -285,7 +285,7 @@ def scorecard(snk) -> None:
 
 
 # Modules holding the stage functions, searched in order by rule name.
-STAGE_MODULES = ("mechrepro.stages", "mechrepro.stages_subspace", "mechrepro.stages_mcq")
+STAGE_MODULES = ("mechrepro.stages", "mechrepro.stages_subspace", "mechrepro.stages_facts", "mechrepro.stages_mcq")
 
 
 def dispatch(snk) -> None:

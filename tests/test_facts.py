@@ -1,0 +1,285 @@
+"""Study B, factual recall and fact editing: facts, pairs, the per-layer sweep, ROME and the summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mechrepro import facts as F
+from mechrepro import rome as R
+from mechrepro import subspace as S
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ facts and pairs
+def _facts(objects: dict[str, list[tuple[str, int]]], correct=None) -> list[dict]:
+    """Hand-made facts: relation -> [(subject, object id)], all correct unless listed in ``correct``."""
+    out = []
+    for rel, items in objects.items():
+        for subj, obj in items:
+            ok = True if correct is None else (subj in correct)
+            out.append({"relation": rel, "subject": subj, "object": str(obj), "object_id": obj, "correct": ok,
+                        "tokens": [0, 5, 6, 7], "subject_pos": 2, "end_pos": 3})
+    return out
+
+
+def test_build_facts_positions_with_the_gpt2_tokenizer(tokenizer):
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rels = {"capital": {"prompt": "The capital city of {} is", "facts": {"South Korea": "Seoul", "France": "Paris"}},
+            "lead": {"prompt": "{} is located in the city of", "facts": {"The Eiffel Tower": "Paris"}}}
+    facts = F.build_facts(rels, enc, 50256)
+    assert len(facts) == 3
+    korea = facts[0]
+    assert korea["tokens"][0] == 50256 and korea["tokens"][1:] == enc("The capital city of South Korea is")
+    assert tokenizer.decode(korea["tokens"][korea["subject_pos"]]) == " Korea"
+    assert tokenizer.decode(korea["tokens"][korea["end_pos"]]) == " is"
+    assert korea["object_id"] == enc(" Seoul")[0]
+    tower = facts[2]
+    assert tokenizer.decode(tower["tokens"][tower["subject_pos"]]) == " Tower"
+    assert tokenizer.decode(tower["tokens"][1:tower["subject_pos"] + 1]) == "The Eiffel Tower"
+
+
+def test_load_facts_data_checks_templates(tmp_path):
+    rels = F.load_facts_data(ROOT / "config" / "facts_data.yaml")
+    assert len(rels) >= 8 and all(r["prompt"].count("{}") == 1 for r in rels.values())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("relations:\n  capital:\n    prompt: The capital of France is\n    facts: {France: Paris}\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        F.load_facts_data(bad)
+    with pytest.raises(FileNotFoundError, match="facts.data_file"):
+        F.load_facts_data(tmp_path / "missing.yaml")
+
+
+def test_load_counterfact(tmp_path):
+    recs = [{"requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                   "target_true": {"str": "French"}, "target_new": {"str": "English"},
+                                   "relation_id": "P103"}},
+            {"requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Thomas Joannes Stieltjes",
+                                   "target_true": {"str": "Dutch"}, "relation_id": "P103"}}]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    rels = F.load_counterfact(path)
+    (rel,) = rels.values()
+    assert rel["facts"] == {"Danielle Darrieux": "French", "Thomas Joannes Stieltjes": "Dutch"}
+    path.write_text(json.dumps([{"nope": 1}]))
+    with pytest.raises(ValueError, match="record 0"):
+        F.load_counterfact(path)
+
+
+def test_make_pairs_filters_and_balances():
+    facts = _facts({"a": [("x1", 1), ("x2", 2), ("x3", 1), ("x4", 3)], "b": [("y1", 7), ("y2", 8)],
+                    "c": [("z1", 9), ("z2", 9)]}, correct={"x1", "x2", "x3", "y1", "y2", "z1", "z2"})
+    pairs = F.make_pairs(facts, 100, seed=0)
+    assert pairs, "pairs expected"
+    for p in pairs:
+        b, s = facts[p["base"]], facts[p["src"]]
+        assert b["relation"] == s["relation"] == p["relation"]
+        assert b["object_id"] != s["object_id"]
+        assert b["correct"] and s["correct"]
+    # x4 is wrong; relation c has one object only -> no pair
+    assert {p["relation"] for p in pairs} == {"a", "b"}
+    assert len(pairs) == len({(p["base"], p["src"]) for p in pairs}) == 4 + 2  # a: x1<->x2, x3<->x2 ; b: 2
+    first = F.make_pairs(facts, 2, seed=0)
+    assert len(first) == 2 and {p["relation"] for p in first} == {"a", "b"}  # round-robin over relations
+    assert F.make_pairs(facts, 2, seed=0) == first  # deterministic
+    everything = F.make_pairs(facts, 100, seed=0, require_correct=False)
+    assert any(facts[p["base"]]["subject"] == "x4" for p in everything)
+
+
+def test_check_pairs_message():
+    facts = _facts({"a": [("x1", 1), ("x2", 2)]}, correct={"x1"})
+    with pytest.raises(ValueError, match=r"only 0 fact pairs .*1 of 2 facts.*facts.min_pairs = 3.*require_correct"):
+        F.check_pairs([], facts, 3, "tiny", "config/facts_data.yaml")
+    F.check_pairs([{}] * 3, facts, 3, "tiny", "x")
+
+
+def test_answer_facts_marks_the_models_top1(models):
+    m = models["llama"]
+    tokens = [0, 11, 12, 13, 14]
+    with torch.no_grad():
+        top = int(m(torch.tensor([tokens]), logits_at=torch.tensor([4])).argmax())
+    facts = [{"relation": "r", "tokens": tokens, "subject_pos": 2, "end_pos": 4, "object_id": top},
+             {"relation": "r", "tokens": tokens[:4], "subject_pos": 2, "end_pos": 3, "object_id": (top + 1) % 101}]
+    out = F.answer_facts(m, facts, batch=1)
+    assert out[0]["correct"] and out[0]["top1"] == top and 0 < out[0]["p_object"] <= 1
+    assert out[1]["top1"] != out[1]["object_id"] or not out[1]["correct"]
+
+
+# ------------------------------------------------------------------ corpus
+def test_corpus_texts_and_batches(tokenizer):
+    texts = F.corpus_texts("stdlib_docs")
+    assert len(texts) > 200
+    assert all(len(t.split()) >= 12 and ">>>" not in t for t in texts)
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    batches = list(F.corpus_batches(texts, enc, 50256, n_tokens=1000, chunk=64, batch=4))
+    assert sum(int(mask.sum()) for _, mask in batches) == 1000
+    for tokens, mask in batches:
+        assert (tokens[:, 0] == 50256).all() and not mask[:, 0].any()
+    with pytest.raises(ValueError, match="fewer than rome.corpus_tokens"):
+        list(F.corpus_batches(texts[:2], enc, 50256, n_tokens=10 ** 6, chunk=64))
+
+
+# ------------------------------------------------------------------ the sweep on a tiny model
+def _tiny_facts(n_rel: int = 2, per_rel: int = 4, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(n_rel):
+        for i in range(per_rel):
+            length = 6 + i % 3
+            toks = [0, *torch.randint(1, 101, (length,), generator=g).tolist()]
+            out.append({"relation": f"r{r}", "subject": f"s{r}{i}", "object": f"o{i}", "tokens": toks,
+                        "subject_pos": 3 + i % 2, "end_pos": length, "object_id": 10 + i, "correct": True})
+    return out
+
+
+def _sigma(m, layer, n=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(1, 101, (8, 16), generator=g) for _ in range(n)]
+    sig, _ = R.key_moments(m, [layer], batches)
+    return sig[layer]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sweep_layer_summary_and_rank1_equivalence(models, arch):
+    m = models[arch]
+    facts = _tiny_facts()
+    pairs = F.make_pairs(facts, 6, seed=0)
+    layer = 1
+    C = _sigma(m, layer)
+    frame, summary, V = F.sweep_layer(m, layer, facts, pairs, C, steps=40, lrs=[0.05, 0.01], seed=0)
+    assert summary["n_pairs"] == len(frame) == len(pairs) == 6
+    assert V.shape == (6, m.spec.d_mlp)
+    torch.testing.assert_close(V.norm(dim=1), torch.ones(6))
+    for key in ("flip_frac_1d", "flip_frac_full_mlp", "flip_frac_row", "flip_frac_null", "flip_frac_rank1_edit"):
+        assert 0.0 <= summary[key] <= 1.0
+    # the rank-1 edit reproduces the patched key's MLP output on the edited key (pipeline code path)
+    assert summary["rank1_key_max_err"] < 1e-5
+    # the null-space part of v changes nothing: its LD equals the clean LD
+    assert frame.ld_null.tolist() == pytest.approx(frame.ld_clean.tolist(), abs=1e-4)
+    # flips are what the LDs say
+    assert summary["flip_frac_1d"] == pytest.approx(float((frame.ld_1d < 0).mean()))
+    assert math.isclose(summary["ld_rel_1d"], frame.ld_1d.mean() / frame.ld_clean.mean(), rel_tol=1e-6)
+    f, r = S.mlp_rowspace(m, layer).shape
+    assert summary["random_null_norm"] == pytest.approx(math.sqrt((f - r) / f))
+    assert 0.0 <= summary["null_norm"] <= 1.0
+    # training lowered the loss below the clean LD on average (the loss is the patched LD)
+    assert frame.final_loss.mean() < frame.ld_clean.mean()
+    torch.testing.assert_close(torch.tensor(frame.final_loss.tolist()), torch.tensor(frame.ld_1d.tolist()),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_suffix_forward_matches_the_full_recompute(models, arch):
+    """Recomputing only the positions from the subject on, over cached keys/values, changes nothing."""
+    m = models[arch]
+    facts = _tiny_facts(per_rel=5)
+    pb = F.pair_batch(facts, F.make_pairs(facts, 8, seed=0))
+    layer = 1
+    kb, ks = F.key_at(m, layer, pb.tokens_base, pb.subj_base), F.key_at(m, layer, pb.tokens_src, pb.subj_src)
+    patched = kb + 0.7 * (ks - kb)
+    idx = torch.arange(len(pb))
+    full = S.mlp_post_forward(m, layer, pb.tokens_base, pb.subj_base, pb.end_base)
+    with torch.no_grad():
+        ref = full(patched, idx)
+        torch.testing.assert_close(F.SuffixForward(m, layer, pb.tokens_base, pb.subj_base, pb.end_base)(patched, idx),
+                                   ref, atol=1e-5, rtol=1e-5)
+        vocab = torch.tensor([3, 10, 11, 50])
+        sub = F.SuffixForward(m, layer, pb.tokens_base, pb.subj_base, pb.end_base, vocab)
+        torch.testing.assert_close(sub(patched[2:5], idx[2:5]), ref[2:5][:, vocab], atol=1e-5, rtol=1e-5)
+
+
+def test_learn_pair_directions_rows_are_independent(models):
+    """Each row's direction depends on its own pair only: training a subset gives the same rows."""
+    m = models["llama"]
+    facts = _tiny_facts()
+    pairs = F.make_pairs(facts, 4, seed=0)
+    pb = F.pair_batch(facts, pairs)
+    kb, ks = F.key_at(m, 1, pb.tokens_base, pb.subj_base), F.key_at(m, 1, pb.tokens_src, pb.subj_src)
+    fwd = S.mlp_post_forward(m, 1, pb.tokens_base, pb.subj_base, pb.end_base)
+    V, loss = F.learn_pair_directions(kb, ks, fwd, pb.target, steps=10, lrs=[0.05], seed=0)
+    # one row alone, with the same initial vector (row 0 of the seeded draw)
+    sub = F.pair_batch(facts, pairs[:1])
+    fwd1 = S.mlp_post_forward(m, 1, sub.tokens_base, sub.subj_base, sub.end_base)
+    V1, _ = F.learn_pair_directions(kb[:1], ks[:1], fwd1, sub.target, steps=10, lrs=[0.05], seed=0)
+    torch.testing.assert_close(V1[0], V[0], atol=1e-5, rtol=1e-4)
+
+
+def test_rome_edit_changes_the_target_fact(models):
+    m = models["gpt2"]
+    facts = _tiny_facts()
+    for f in facts:  # a random tiny model barely moves information between positions: edit at the last token
+        f["subject_pos"] = f["end_pos"]
+    pairs = F.make_pairs(facts, 3, seed=0)
+    layer = 1
+    C = _sigma(m, layer)
+    frame, summary = F.rome_layer(m, layer, facts, pairs, C, ridge=1e-3,
+                                  value_kwargs={"steps": 40, "lr": 0.5, "weight_decay": 0.01, "clamp": 10.0})
+    assert summary["n_pairs"] == 3
+    # ROME raises the new object's probability a lot on every edited fact
+    assert (frame.p_new_rome > frame.p_new_before).all()
+    assert summary["rome"] > 0.5
+    for col in ("rome", "derived_subspace", "row_only"):
+        assert (frame[col] <= 1.0 + 1e-9).all()
+    # and makes it the top-1 answer on the first edit
+    base, src = facts[pairs[0]["base"]], facts[pairs[0]["src"]]
+    tok = torch.tensor([base["tokens"]])
+    subj, end = torch.tensor([base["subject_pos"]]), torch.tensor([base["end_pos"]])
+    u, w, k = F.rome_rank1(m, layer, tok, subj, end, src["object_id"], C, ridge=1e-3, steps=40, lr=0.5,
+                           weight_decay=0.01, clamp=10.0)
+    with torch.no_grad():
+        before = int(m(tok, logits_at=end).argmax())
+        with R.edited(m, layer, m.p(f"blocks.{layer}.W_out") + torch.outer(u, w)):
+            after = int(m(tok, logits_at=end).argmax())
+    assert before != src["object_id"] and after == src["object_id"]
+    # the edit stores k* -> v* (the value change is delta at the edited key)
+    torch.testing.assert_close(k @ torch.outer(u, w), w, atol=1e-4, rtol=1e-4)
+
+
+def test_pearson():
+    assert F.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(0.9986, abs=1e-3)
+    assert math.isnan(F.pearson([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(F.pearson([1], [2]))
+
+
+# ------------------------------------------------------------------ the summary stages
+class _Named(list):
+    """A list with attributes, as Snakemake's input/output objects."""
+
+
+def _snk(tmp_path, inputs, output, rule):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"name": "tiny", "weight_sha256": "0" * 64, "description": "tiny"}))
+    inp = _Named([*inputs, str(manifest)])
+    inp.layers, inp.manifest = inputs, str(manifest)
+    return SimpleNamespace(config={"seed": 0, "model": {"device": "cpu", "dtype": "float32", "name": "tiny"}},
+                           input=inp, output=[str(output)],
+                           log=[], threads=1, rule=rule, wildcards=SimpleNamespace())
+
+
+def test_facts_summary_collects_layers_in_order(tmp_path):
+    from mechrepro import stages_facts as SF
+
+    paths = []
+    for layer in (10, 2):
+        row = {k: 0.5 for k in SF.FACTS_KEYS} | {"layer": layer, "n_pairs": 4, "extra": 1}
+        p = tmp_path / f"layer{layer}.json"
+        p.write_text(json.dumps(row))
+        paths.append(str(p))
+    out = tmp_path / "facts.json"
+    SF.facts_summary(_snk(tmp_path, paths, out, "facts_summary"))
+    got = json.loads(out.read_text())
+    assert list(got) == ["facts"] and list(got["facts"]) == ["2", "10"]
+    assert set(got["facts"]["2"]) == set(SF.FACTS_KEYS) and got["facts"]["10"]["n_pairs"] == 4
+    assert json.loads(Path(str(out) + ".prov.json").read_text())["model"]["name"] == "tiny"
+    bad = tmp_path / "layer3.json"
+    bad.write_text(json.dumps({"layer": 3, "n_pairs": 1}))
+    with pytest.raises(ValueError, match="missing"):
+        SF.facts_summary(_snk(tmp_path, [str(bad)], out, "facts_summary"))
