@@ -26,4 +26,4 @@ dvc-yaml: env
 	python -m mechrepro.dvcgen
 
 clean-results:
-	rm -rf results figures/ioi_generalization logs .snakemake
+	rm -rf results figures/ioi_generalization figures/subspace_illusion figures/mcq_circuits logs .snakemake
