@@ -73,7 +73,7 @@ def test_ioi_artifacts(smoke):
     for path in [*root.rglob("*.json"), *root.rglob("*.csv"), *root.rglob("*.safetensors")]:
         if not path.name.endswith(".prov.json"):
             prov = json.loads(Path(str(path) + ".prov.json").read_text())
-            assert prov["rule"].startswith("subspace_") and len(prov["sha256"]) == 64, path
+            assert prov["rule"].startswith(("subspace_", "facts_", "rome_")) and len(prov["sha256"]) == 64, path
 
 
 def test_figures_and_scorecard(smoke):

@@ -79,3 +79,13 @@ def test_missing_metrics_raises_artifact_error(tmp_path):
     ref, _ = _write(tmp_path, "gpt2")
     with pytest.raises(ArtifactError, match="nope.json"):
         S.build(ref, {"study_a": str(tmp_path / "nope.json")})
+
+
+def test_reference_texts_keep_the_markdown_table_intact():
+    """A '|' in a number's id or source would split its scorecard.md row (and hide it from the audit)."""
+    from pathlib import Path
+
+    ref = yaml.safe_load((Path(__file__).resolve().parents[1] / "reference" / "published.yaml").read_text())
+    for study, entry in ref.items():
+        for n in entry["numbers"]:
+            assert "|" not in f"{n['id']} {n['source']} {n['ours']}", (study, n["id"])

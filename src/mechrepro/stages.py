@@ -48,7 +48,7 @@ def use_device(device: str, dtype: str = "float32") -> str:
 
 
 def _prov(snk, model: dict | None = None) -> dict:
-    return art.provenance(snk.rule, rule_config(snk.rule, snk.config, snk.wildcards), list(snk.input), model)
+    return art.provenance(snk.rule, rule_config(snk.rule, snk.config, getattr(snk, "wildcards", None)), list(snk.input), model)
 
 
 def _model(snk):

@@ -31,12 +31,9 @@ def _data(snk) -> dict:
 
 
 def _save_tensors(path: str, tensors: dict, prov: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from .stages_subspace import save_safetensors
 
-    with art.atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-    art.write_provenance(path, prov)
+    save_safetensors(path, tensors, prov, {k: str(v) for k, v in (metadata or {}).items()})
 
 
 def _load_sigma(path: str, layer: int, d_mlp: int) -> torch.Tensor:
@@ -113,12 +110,12 @@ def facts_layer(snk) -> None:
     log.info("layer %d: learning %d directions (%d steps, lrs %s)", layer, len(data["pairs"]), cfg["steps"], cfg["lrs"])
     frame, summary, V = F.sweep_layer(lm.model, layer, data["facts"], data["pairs"], C, steps=cfg["steps"],
                                       lrs=cfg["lrs"], seed=snk.config["seed"], log=log.info)
-    summary["seconds"] = time.time() - t
+    summary["timings"] = {"seconds": time.time() - t}
     summary["model"] = lm.name
     log.info("layer %d: flips 1-D %.3f, full MLP %.3f, row %.3f, null %.3f, rank-1 edit %.3f (agrees %.3f); "
              "null norm %.3f (random %.3f); %.1fs", layer, summary["flip_frac_1d"], summary["flip_frac_full_mlp"],
              summary["flip_frac_row"], summary["flip_frac_null"], summary["flip_frac_rank1_edit"],
-             summary["rank1_agrees_1d"], summary["null_norm"], summary["random_null_norm"], summary["seconds"])
+             summary["rank1_agrees_1d"], summary["null_norm"], summary["random_null_norm"], summary["timings"]["seconds"])
     prov = _prov(snk, lm.manifest)
     art.save_csv(snk.output.csv, frame, prov)
     _save_tensors(snk.output.directions, {"directions": V}, prov, {"layer": layer})
@@ -138,10 +135,10 @@ def rome_layer(snk) -> None:
     value_kwargs = {k: cfg[k] for k in ("steps", "lr", "weight_decay", "clamp")}
     frame, summary = F.rome_layer(lm.model, layer, data["facts"], pairs, C, ridge=cfg["ridge"],
                                   value_kwargs=value_kwargs, log=log.info)
-    summary["seconds"] = time.time() - t
+    summary["timings"] = {"seconds": time.time() - t}
     summary["model"] = lm.name
     log.info("layer %d: rewrite ROME %.3f, derived %.3f, row-only %.3f, pearson %s; %.1fs", layer,
-             summary["rome"], summary["derived_subspace"], summary["row_only"], summary["pearson"], summary["seconds"])
+             summary["rome"], summary["derived_subspace"], summary["row_only"], summary["pearson"], summary["timings"]["seconds"])
     prov = _prov(snk, lm.manifest)
     art.save_csv(snk.output.csv, frame, prov)
     art.save_json(snk.output.json, summary, prov)

@@ -172,9 +172,9 @@ rule facts_figure:
         notebook="results/notebooks/subspace_illusion/{facts_fig}.ipynb",
     params:
         cfg=cfg("facts_figure"),
-        cfg_json=lambda w: json.dumps(rule_config("facts_figure", config)),
-        results=lambda w: os.path.abspath(FACTS_R),
-        figures=lambda w: os.path.abspath(FACTS_FIG),
+        cfg_json=lambda w: json.dumps(rule_config("facts_figure", config, w)),
+        results=lambda w: FACTS_R,
+        figures=lambda w: FACTS_FIG,
         dpi=config["figures"]["dpi"],
     log:
         "logs/facts_figure/{facts_fig}.log",
@@ -188,7 +188,9 @@ rule facts_figure:
         ENV
     shell:
         "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
-        "-p results_dir {params.results} -p figures_dir {params.figures} -p fig_name {wildcards.facts_fig} "
+        # absolute paths made by the shell: as params they would differ in a copy of the workflow
+        # directory and rerun the figures
+        '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.facts_fig} '
         "-p dpi {params.dpi} > {log} 2>&1 && "
         "python -m mechrepro record facts_figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"
