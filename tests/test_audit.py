@@ -172,3 +172,29 @@ def test_scorecard_number_not_from_its_artifact(scratch):
     res, _ = _audit(scratch, rel)
     assert res.problems == [f"{rel}: row '{row['id']}' shows 123.0 but {RESULTS}/metrics.json : {row['key']} "
                             f"is {value!r}"]
+
+
+def test_notebook_retries_only_a_kernel_that_died_while_starting(monkeypatch, capsys):
+    import subprocess
+    from types import SimpleNamespace
+
+    from mechrepro import __main__ as cli
+
+    calls = []
+
+    def fake_run(args, **kw):
+        calls.append(args)
+        if len(calls) == 1:
+            return SimpleNamespace(returncode=1, stdout="", stderr=f"RuntimeError: {cli.KERNEL_START_FAILURE}\n")
+        return SimpleNamespace(returncode=0, stdout="ok\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert cli.main(["notebook", "in.ipynb", "out.ipynb", "--kernel", "python3", "-p", "dpi", "60"]) == 0
+    assert len(calls) == 2 and calls[1][-7:] == ["in.ipynb", "out.ipynb", "--kernel", "python3", "-p", "dpi", "60"]
+    assert "trying again" in capsys.readouterr().err
+    # another failure (e.g. an exception in a cell) is returned at once
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", lambda a, **kw: calls.append(a) or SimpleNamespace(
+        returncode=1, stdout="", stderr="PapermillExecutionError: NameError\n"))
+    assert cli.main(["notebook", "in.ipynb", "out.ipynb"]) == 1 and len(calls) == 1

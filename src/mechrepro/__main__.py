@@ -6,6 +6,9 @@
 * ``record RULE --config JSON --inputs IN ... --outputs OUT ...`` — write provenance sidecars for
   files made outside :mod:`mechrepro.stages` (the figure notebooks' PNG, CSV and executed notebook).
   The model recorded is the one the inputs' own sidecars name.
+* ``notebook IN OUT [papermill options]`` — run papermill; when the Jupyter kernel dies while
+  starting (a port race when many kernels start at once, e.g. ``--cores 8``), try again, up to
+  :data:`NOTEBOOK_ATTEMPTS` times. Any other failure is returned at once.
 """
 
 from __future__ import annotations
@@ -43,6 +46,27 @@ def _record(args) -> int:
     return 0
 
 
+NOTEBOOK_ATTEMPTS = 3
+KERNEL_START_FAILURE = "Kernel died before replying to kernel_info"
+
+
+def _notebook(papermill_args: list[str]) -> int:
+    import subprocess
+    import time
+
+    for attempt in range(1, NOTEBOOK_ATTEMPTS + 1):
+        done = subprocess.run([sys.executable, "-m", "papermill", *papermill_args], capture_output=True, text=True)
+        sys.stdout.write(done.stdout)
+        sys.stderr.write(done.stderr)
+        if done.returncode == 0 or KERNEL_START_FAILURE not in done.stdout + done.stderr:
+            return done.returncode
+        if attempt < NOTEBOOK_ATTEMPTS:
+            print(f"notebook: the Jupyter kernel died while starting (attempt {attempt} of {NOTEBOOK_ATTEMPTS}); "
+                  "trying again", file=sys.stderr)
+            time.sleep(attempt)
+    return done.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechrepro", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", required=True, help="the config values the rule read, as JSON")
     r.add_argument("--inputs", nargs="*", default=[])
     r.add_argument("--outputs", nargs="+", required=True)
+    n = sub.add_parser("notebook", help="run papermill, retrying when the kernel dies while starting")
+    n.add_argument("papermill_args", nargs=argparse.REMAINDER, help="papermill's arguments")
     args = parser.parse_args(argv)
+    if args.command == "notebook":
+        return _notebook(args.papermill_args)
     if args.command == "audit":
         from .audit import audit
 

@@ -187,7 +187,7 @@ rule facts_figure:
     conda:
         ENV
     shell:
-        "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
+        "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         # absolute paths made by the shell: as params they would differ in a copy of the workflow
         # directory and rerun the figures
         '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.facts_fig} '

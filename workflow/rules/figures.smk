@@ -46,7 +46,7 @@ rule ioi_figure:
     shell:
         # absolute paths made by the shell: as params they would differ in a copy of the workflow
         # directory and rerun the figures
-        "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
+        "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.fig} '
         "-y {params.nb:q} > {log} 2>&1 && "
         "python -m mechrepro record ioi_figure --config {params.cfg_json:q} --inputs {input:q} "

@@ -272,7 +272,7 @@ rule mcq_figure:
     conda:
         ENV
     shell:
-        "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
+        "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.mcqfig} '
         "-p dpi {params.dpi} > {log} 2>&1 && "
         "python -m mechrepro record mcq_figure --config {params.cfg_json:q} --inputs {input:q} "

@@ -177,7 +177,7 @@ rule subspace_figure:
     shell:
         # absolute paths made by the shell: as params they would differ in a copy of the workflow
         # directory and rerun the figures
-        "papermill {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
+        "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.sfig} '
         '-p reference_file "$PWD/{params.reference}" -p dpi {params.dpi} > {log} 2>&1 && '
         "python -m mechrepro record subspace_figure --config {params.cfg_json:q} --inputs {input:q} "
