@@ -10,7 +10,7 @@ The notebooks only read artifacts; the logic is in :mod:`mechrepro.plotting_fact
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from build_notebooks import assemble, write_all
 
 OUT = Path(__file__).resolve().parent / "subspace_illusion"
 PAPER = ("Makelov, Lange & Nanda 2023, *Is This the Subspace You Are Looking For? An Interpretability Illusion "
@@ -62,33 +62,13 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
           f"(see the caption).\n\n{spec['body']}\n\nThe caption names the model and N. This notebook only reads "
           "the artifacts under `results_dir` (and the paper's numbers in `reference/published.yaml`) and writes "
           "`{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
-    params = new_code_cell(
-        'results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
-        f'fig_name = "{name}"\ndpi = 150')
-    params.metadata["tags"] = ["parameters"]
-    cells = [
-        new_markdown_cell(md),
-        params,
-        new_code_cell("from IPython.display import Image, display\n\nfrom mechrepro import plotting_facts as F\n\n"
-                      "art = F.load(results_dir)"),
-        new_code_cell(spec["data"]),
-        new_code_cell(spec["plot"]),
-        new_code_cell("paths = F.save(fig, data, figures_dir, fig_name, dpi)\n"
-                      "display(Image(filename=str(paths['png'])))"),
-    ]
-    nb = new_notebook(cells=cells, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"}})
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"{name[:40]}-{i}"
-    return nb
+    return assemble(name, md, ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
+                    f'fig_name = "{name}"\ndpi = 150'), ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_facts as F\n\n"
+                    "art = F.load(results_dir)"), spec, "F")
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, spec in FIGURES.items():
-        nbformat.write(build(name, spec), OUT / f"{name}.ipynb")
-        print(OUT / f"{name}.ipynb")
+    write_all(OUT, FIGURES, build)
 
 
 if __name__ == "__main__":

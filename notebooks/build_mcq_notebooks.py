@@ -11,7 +11,7 @@ N) -> save PNG and CSV. The notebooks only read artifacts; the logic is in
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from build_notebooks import assemble, write_all
 
 OUT = Path(__file__).resolve().parent / "mcq_circuits"
 PAPER = ("Lieberum et al. 2023, *Does Circuit Analysis Interpretability Scale? Evidence from Multiple Choice "
@@ -157,32 +157,13 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
     md = (f"# {spec['title']}\n\nReplicates **{spec['replicates']}** of {PAPER}, on the configured model "
           f"(named in the caption).\n\n{spec['body']}\n\nThis notebook only reads the artifacts under `results_dir` "
           "and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
-    params = new_code_cell('results_dir = "results/mcq_circuits"\nfigures_dir = "figures/mcq_circuits"\n'
-                           f'fig_name = "{name}"\ndpi = 150')
-    params.metadata["tags"] = ["parameters"]
-    cells = [
-        new_markdown_cell(md),
-        params,
-        new_code_cell("from IPython.display import Image, display\n\nfrom mechrepro import plotting_mcq\n\n"
-                      "art = plotting_mcq.load(results_dir)\nmetrics = art.metrics"),
-        new_code_cell(spec["data"]),
-        new_code_cell(spec["plot"]),
-        new_code_cell("paths = plotting_mcq.save(fig, data, figures_dir, fig_name, dpi)\n"
-                      "display(Image(filename=str(paths['png'])))"),
-    ]
-    nb = new_notebook(cells=cells, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"}})
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"{name[:40]}-{i}"
-    return nb
+    return assemble(name, md, ('results_dir = "results/mcq_circuits"\nfigures_dir = "figures/mcq_circuits"\n'
+                    f'fig_name = "{name}"\ndpi = 150'), ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_mcq\n\n"
+                    "art = plotting_mcq.load(results_dir)\nmetrics = art.metrics"), spec, "plotting_mcq")
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, spec in FIGURES.items():
-        nbformat.write(build(name, spec), OUT / f"{name}.ipynb")
-        print(OUT / f"{name}.ipynb")
+    write_all(OUT, FIGURES, build)
 
 
 if __name__ == "__main__":

@@ -162,22 +162,19 @@ FIGURES = {
 }
 
 
-def build(name: str, spec: dict) -> nbformat.NotebookNode:
-    md = (f"# {spec['title']}\n\nReplicates **{spec['replicates']}** of {PAPER}, on the configured model "
-          f"(see the caption).\n\n{spec['body']}\n\n{CAPTION} This notebook only reads the artifacts under "
-          "`results_dir` and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
-    params = new_code_cell(
-        'results_dir = "results/ioi_generalization"\nfigures_dir = "figures/ioi_generalization"\n'
-        f'fig_name = "{name}"\ndpi = 150\nn_samples = 50')
-    params.metadata["tags"] = ["parameters"]
+def assemble(name: str, md: str, params: str, setup: str, spec: dict, plotter: str) -> nbformat.NotebookNode:
+    """One figure notebook (shared by every study's builder): Markdown, the papermill ``parameters``
+    cell, ``setup`` (imports and loading), ``spec``'s data and plot cells, then the save cell calling
+    ``{plotter}.save``. Cell ids are fixed, so rebuilding an unchanged notebook changes nothing."""
+    params_cell = new_code_cell(params)
+    params_cell.metadata["tags"] = ["parameters"]
     cells = [
         new_markdown_cell(md),
-        params,
-        new_code_cell("from IPython.display import Image, display\n\nfrom mechrepro import plotting\n\n"
-                      "art = plotting.load(results_dir)\nmetrics = art.metrics"),
+        params_cell,
+        new_code_cell(setup),
         new_code_cell(spec["data"]),
         new_code_cell(spec["plot"]),
-        new_code_cell("paths = plotting.save(fig, data, figures_dir, fig_name, dpi)\n"
+        new_code_cell(f"paths = {plotter}.save(fig, data, figures_dir, fig_name, dpi)\n"
                       "display(Image(filename=str(paths['png'])))"),
     ]
     nb = new_notebook(cells=cells, metadata={
@@ -188,11 +185,27 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
     return nb
 
 
+def write_all(out: Path, figures: dict, build) -> None:
+    """Write ``build(name, spec)`` of every figure to ``out/<name>.ipynb``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in figures.items():
+        nbformat.write(build(name, spec), out / f"{name}.ipynb")
+        print(out / f"{name}.ipynb")
+
+
+def build(name: str, spec: dict) -> nbformat.NotebookNode:
+    md = (f"# {spec['title']}\n\nReplicates **{spec['replicates']}** of {PAPER}, on the configured model "
+          f"(see the caption).\n\n{spec['body']}\n\n{CAPTION} This notebook only reads the artifacts under "
+          "`results_dir` and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
+    params = ('results_dir = "results/ioi_generalization"\nfigures_dir = "figures/ioi_generalization"\n'
+              f'fig_name = "{name}"\ndpi = 150\nn_samples = 50')
+    setup = ("from IPython.display import Image, display\n\nfrom mechrepro import plotting\n\n"
+             "art = plotting.load(results_dir)\nmetrics = art.metrics")
+    return assemble(name, md, params, setup, spec, "plotting")
+
+
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, spec in FIGURES.items():
-        nbformat.write(build(name, spec), OUT / f"{name}.ipynb")
-        print(OUT / f"{name}.ipynb")
+    write_all(OUT, FIGURES, build)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ PNG and CSV. The notebooks only read artifacts; the code is in :mod:`mechrepro.p
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from build_notebooks import assemble, write_all
 
 OUT = Path(__file__).resolve().parent / "subspace_illusion"
 PAPER = ("Makelov, Lange & Nanda 2023, *Is This the Subspace You Are Looking For? An Interpretability Illusion for "
@@ -98,35 +98,15 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
     md = (f"# {spec['title']}\n\nReplicates **{spec['replicates']}** of {PAPER}, on the configured model "
           f"(see the caption).\n\n{spec['body']}\n\nThis notebook only reads the artifacts under `results_dir` "
           "and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
-    params = new_code_cell(
-        'results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
-        f'fig_name = "{name}"\nreference_file = "reference/published.yaml"\ndpi = 150')
-    params.metadata["tags"] = ["parameters"]
     load = "art = plotting_subspace.load(results_dir)"
     if name != "toy_example":
         load += "\nmetrics = art.metrics"
-    cells = [
-        new_markdown_cell(md),
-        params,
-        new_code_cell("from IPython.display import Image, display\n\nfrom mechrepro import plotting_subspace\n\n" + load),
-        new_code_cell(spec["data"]),
-        new_code_cell(spec["plot"]),
-        new_code_cell("paths = plotting_subspace.save(fig, data, figures_dir, fig_name, dpi)\n"
-                      "display(Image(filename=str(paths['png'])))"),
-    ]
-    nb = new_notebook(cells=cells, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"}})
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"{name[:40]}-{i}"
-    return nb
+    return assemble(name, md, ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
+                    f'fig_name = "{name}"\nreference_file = "reference/published.yaml"\ndpi = 150'), "from IPython.display import Image, display\n\nfrom mechrepro import plotting_subspace\n\n" + load, spec, "plotting_subspace")
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, spec in FIGURES.items():
-        nbformat.write(build(name, spec), OUT / f"{name}.ipynb")
-        print(OUT / f"{name}.ipynb")
+    write_all(OUT, FIGURES, build)
 
 
 if __name__ == "__main__":
