@@ -62,9 +62,11 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
           f"(see the caption).\n\n{spec['body']}\n\nThe caption names the model and N. This notebook only reads "
           "the artifacts under `results_dir` (and the paper's numbers in `reference/published.yaml`) and writes "
           "`{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
-    return assemble(name, md, ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
-                    f'fig_name = "{name}"\ndpi = 150'), ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_facts as F\n\n"
-                    "art = F.load(results_dir)"), spec, "F")
+    params = ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
+              f'fig_name = "{name}"\ndpi = 150')
+    setup = ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_facts as F\n\n"
+             "art = F.load(results_dir)")
+    return assemble(name, md, params, setup, spec, "F")
 
 
 def main() -> None:

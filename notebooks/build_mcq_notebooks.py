@@ -157,9 +157,11 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
     md = (f"# {spec['title']}\n\nReplicates **{spec['replicates']}** of {PAPER}, on the configured model "
           f"(named in the caption).\n\n{spec['body']}\n\nThis notebook only reads the artifacts under `results_dir` "
           "and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
-    return assemble(name, md, ('results_dir = "results/mcq_circuits"\nfigures_dir = "figures/mcq_circuits"\n'
-                    f'fig_name = "{name}"\ndpi = 150'), ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_mcq\n\n"
-                    "art = plotting_mcq.load(results_dir)\nmetrics = art.metrics"), spec, "plotting_mcq")
+    params = ('results_dir = "results/mcq_circuits"\nfigures_dir = "figures/mcq_circuits"\n'
+              f'fig_name = "{name}"\ndpi = 150')
+    setup = ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_mcq\n\n"
+             "art = plotting_mcq.load(results_dir)\nmetrics = art.metrics")
+    return assemble(name, md, params, setup, spec, "plotting_mcq")
 
 
 def main() -> None:

@@ -101,8 +101,10 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
     load = "art = plotting_subspace.load(results_dir)"
     if name != "toy_example":
         load += "\nmetrics = art.metrics"
-    return assemble(name, md, ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
-                    f'fig_name = "{name}"\nreference_file = "reference/published.yaml"\ndpi = 150'), "from IPython.display import Image, display\n\nfrom mechrepro import plotting_subspace\n\n" + load, spec, "plotting_subspace")
+    params = ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
+              f'fig_name = "{name}"\nreference_file = "reference/published.yaml"\ndpi = 150')
+    setup = "from IPython.display import Image, display\n\nfrom mechrepro import plotting_subspace\n\n" + load
+    return assemble(name, md, params, setup, spec, "plotting_subspace")
 
 
 def main() -> None:
