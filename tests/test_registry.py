@@ -50,6 +50,18 @@ def test_prepare_and_load_tiny_gpt2(prepared, tokenizer):
     assert logits.shape == (1, 50257) and torch.isfinite(logits).all()
 
 
+
+def test_rerun_over_a_previous_run_hashes_only_model_files(tmp_path):
+    """A forced rerun finds the last run's provenance sidecar and hidden temp files: not model files."""
+    out = tmp_path / "m"
+    first = R.prepare_model("tiny-gpt2", out, seed=7)
+    (out / "manifest.json.prov.json").write_text("{}")
+    (out / ".model.safetensors.tmp").write_text("partial")
+    again = R.prepare_model("tiny-gpt2", out, seed=7)
+    assert again["files"] == first["files"]
+    assert not any(n.endswith(".prov.json") or n.startswith(".") for n in again["files"])
+    R.load_model(out)  # the files the manifest lists still check out
+
 def test_seed_changes_weights(prepared, tmp_path):
     _, manifest = prepared
     other = R.prepare_model("tiny-gpt2", tmp_path / "m", seed=8)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_path, sha256_file, write_json
+from .artifacts import PROV_SUFFIX, atomic_path, sha256_file, write_json
 from .model import Transformer
 
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -144,9 +144,10 @@ def _save_local(hf_model, tokenizer, out_dir: Path) -> dict[str, str]:
           if not (tied and k == "lm_head.weight")}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(sd, str(tmp))
-    # hidden files (e.g. the temporary file of a write killed earlier) are not part of the model
+    # not part of the model: hidden files (e.g. the temporary file of a write killed earlier), the
+    # manifest and provenance sidecars (a forced rerun finds the previous run's)
     return {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()
-            and p.name != "manifest.json" and not p.name.startswith(".")}
+            and p.name != "manifest.json" and not p.name.startswith(".") and not p.name.endswith(PROV_SUFFIX)}
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
