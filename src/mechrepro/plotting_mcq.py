@@ -293,8 +293,9 @@ def plot_mutations(data: pd.DataFrame):
         if value == "accuracy":
             ax.axhline(0.25, color="k", ls="--", lw=0.8)
             ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7)
+    # one legend under both panels: inside an axis it hid the tallest bars
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     suptitle(fig, f"Label mutations with {data['head'].iloc[0]} full, low-rank or mean-ablated "
                   "(paper Figure 11; * = label set seen in training)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
