@@ -87,8 +87,14 @@ def test_attribution_is_first_order_and_agreement_metrics(setup):
     # a tiny source perturbation: attribution must match exact patching to first order
     eps_z = [z + 1e-3 * torch.randn_like(z) for z in base.z]
     exact = E.patch_heads_all_positions(model, base, eps_z, metric)
-    attr = E.attribution_heads(model, tok, end, eps_z, metric)
+    attr, attr_end = E.attribution_heads(model, tok, end, eps_z, metric)
     torch.testing.assert_close(attr, exact, atol=2e-5, rtol=5e-2)
+    # the END-only sum is the END patch to first order; chunks of prompts give the same sums
+    eps_end = torch.stack([z[torch.arange(len(end)), end] for z in eps_z], 1)
+    torch.testing.assert_close(attr_end, E.patch_heads_end(model, base, eps_end, metric), atol=2e-5, rtol=5e-2)
+    chunked = E.attribution_heads(model, tok, end, eps_z, metric, batch_size=1)
+    torch.testing.assert_close(chunked[0], attr, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked[1], attr_end, atol=1e-6, rtol=1e-5)
     agree = E.rank_agreement(attr, exact, k=3)
     assert agree["spearman"] > 0.9 and agree["top3_overlap"] >= 2 / 3
     assert E.rank_agreement(exact, -exact, k=3)["spearman"] == pytest.approx(-1.0)

@@ -146,39 +146,43 @@ def patch_heads_all_positions(model: Transformer, base: BaseRun, source_z: list[
 
 
 def attribution_heads(model: Transformer, tokens: Tensor, end: Tensor, source_z: list[Tensor], metric: Metric,
-                      end_only: bool = False) -> Tensor:
-    """First-order estimate of every head's patching effect: ``[L, h]``.
+                      batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """First-order estimate of every head's patching effect: ``(all positions [L, h], END only [L, h])``.
 
-    ``effect(l, h) ≈ sum_positions <d mean(metric) / d z[l, :, h], z_source - z_base>``, from one
-    forward and one backward pass of the base prompts (``end_only``: the END position alone).
+    ``effect(l, h) ≈ sum_positions <d mean(metric) / d z[l, :, h], z_source - z_base>``, summed
+    over every position and over END alone, from one forward and one backward pass of the base
+    prompts. ``batch_size`` prompts go through each pass (all if None): the backward pass keeps
+    every layer's activations, so the chunk bounds the memory; the sums do not depend on it.
     """
     spec = model.spec
-    leaves: dict[int, Tensor] = {}
-    zs: dict[int, Tensor] = {}
-
-    def make(layer: int):
-        def fn(z: Tensor) -> Tensor:
-            zs[layer] = z.detach()
-            leaf = torch.zeros_like(z, requires_grad=True)
-            leaves[layer] = leaf
-            return z + leaf
-        return fn
-
-    hooks = {f"blocks.{l}.attn.hook_z": make(l) for l in range(spec.n_layers)}
     b = tokens.shape[0]
-    with torch.enable_grad():
-        logits = model(tokens, hooks=hooks, logits_at=end)
-        metric(logits, torch.arange(b)).mean().backward()
-    out = torch.zeros(spec.n_layers, spec.n_heads)
-    rows = torch.arange(b)
-    for l in range(spec.n_layers):
-        delta = source_z[l] - zs[l]  # [b, p, h, e]
-        grad = leaves[l].grad
-        if end_only:
-            out[l] = torch.einsum("bhe,bhe->h", grad[rows, end], delta[rows, end])
-        else:
-            out[l] = torch.einsum("bphe,bphe->h", grad, delta)
-    return out
+    size = b if batch_size is None else max(1, batch_size)
+    out_all = torch.zeros(spec.n_layers, spec.n_heads)
+    out_end = torch.zeros(spec.n_layers, spec.n_heads)
+    for start in range(0, b, size):
+        rows = torch.arange(start, min(start + size, b))
+        local = torch.arange(len(rows))
+        leaves: dict[int, Tensor] = {}
+        zs: dict[int, Tensor] = {}
+
+        def make(layer: int):
+            def fn(z: Tensor) -> Tensor:
+                zs[layer] = z.detach()
+                leaf = torch.zeros_like(z, requires_grad=True)
+                leaves[layer] = leaf
+                return z + leaf
+            return fn
+
+        hooks = {f"blocks.{l}.attn.hook_z": make(l) for l in range(spec.n_layers)}
+        with torch.enable_grad():
+            logits = model(tokens[rows], hooks=hooks, logits_at=end[rows])
+            (metric(logits, rows).sum() / b).backward()
+        for l in range(spec.n_layers):
+            delta = source_z[l][rows] - zs[l]  # [rows, p, h, e]
+            grad = leaves[l].grad
+            out_all[l] += torch.einsum("bphe,bphe->h", grad, delta)
+            out_end[l] += torch.einsum("bhe,bhe->h", grad[local, end[rows]], delta[local, end[rows]])
+    return out_all, out_end
 
 
 def rank_agreement(approx: Tensor, exact: Tensor, k: int = 10) -> dict[str, float]:

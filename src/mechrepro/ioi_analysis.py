@@ -183,7 +183,8 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
 
 
 def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
-                  confirm_all_positions: int | None = None) -> tuple[pd.DataFrame, dict]:
+                  confirm_all_positions: int | None = None, grad_batch: int | None = None
+                  ) -> tuple[pd.DataFrame, dict]:
     """Activation patching of every head (clean run, ABC head output patched in) with the engine.
 
     Returns per head the exact effect at END and at all positions, their attribution estimates
@@ -191,6 +192,7 @@ def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
     patching (Spearman rank correlation, top-k overlap). Patching at END is exact for every head;
     at all positions (a pass from the patched layer over every position) only the
     ``confirm_all_positions`` heads ranked highest by attribution are patched exactly (all if None).
+    ``grad_batch``: prompts per attribution forward + backward pass (memory; all if None).
     """
     import time
 
@@ -209,8 +211,8 @@ def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
     exact_end = E.patch_heads_end(model, base, z_end, metric, max_rows=max_rows) / ld0
     timings["exact_end_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    attr_all = E.attribution_heads(model, batch.tokens, end, source.z, metric) / ld0
-    attr_end = E.attribution_heads(model, batch.tokens, end, source.z, metric, end_only=True) / ld0
+    attr_all, attr_end = (a / ld0 for a in E.attribution_heads(model, batch.tokens, end, source.z, metric,
+                                                               batch_size=grad_batch))
     timings["attribution_s"] = time.perf_counter() - t
     L, H = exact_end.shape
     order = attr_all.flatten().abs().argsort(descending=True).tolist()

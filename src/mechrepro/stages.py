@@ -229,7 +229,7 @@ def ioi_head_patching(snk) -> None:
     cfg = snk.config["head_patching"]
     ds, batch = _batch(snk.input.data, lm, cfg["n_prompts"])
     frame, summary = head_patching(lm.model, batch, cfg["top_k"], snk.config["circuit"]["max_rows"],
-                                   cfg["confirm_all_positions"])
+                                   cfg["confirm_all_positions"], cfg["grad_batch"])
     summary["model"] = lm.name
     log.info("head patching on %d prompts: %s; attribution vs exact: END %s, all positions %s", len(batch),
              {k: round(v, 1) for k, v in summary["timings"].items()}, summary["agreement_end"],
