@@ -53,6 +53,12 @@ def test_figures_and_metrics_exist(smoke):
     assert (smoke / "results" / "scorecard.md").read_text().count("| study_a |") >= 30
 
 
+def test_second_run_has_nothing_to_do(smoke):
+    """After a complete run, recorded in dvc.lock, `snakemake all` plans no job."""
+    done = _run([BIN / "snakemake", "all", "--cores", "1", "--dry-run"], smoke)
+    out = done.stdout + done.stderr
+    assert "Nothing to be done" in out, out[-3000:]
+
 def test_dvc_up_to_date_after_snakemake(smoke):
     _run([sys.executable, "-m", "mechrepro.dvcgen", "--check", "--root", str(smoke)], smoke)
     status = _run([BIN / "dvc", "status"], smoke)

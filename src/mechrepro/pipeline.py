@@ -159,12 +159,47 @@ def record_in_dvc(config_settings) -> None:
     if config_settings.config or extra_files:
         print("dvc.lock not updated: this run used config overrides (DVC reads config/config.yaml)")
         return
+    # 'dvc commit' checks the outputs out of its cache again, which gives them new modification
+    # times in no particular order; Snakemake would then see inputs newer than their outputs and
+    # rerun jobs. The times are put back.
+    times = _artifact_times()
     done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True,
                           env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    _restore_times(times)
     if done.returncode == 0:
         print("dvc.lock updated with the hashes of the artifacts")
     else:
         print("dvc.lock not updated (run 'dvc commit' after a complete run):", done.stderr.strip()[-300:])
+
+
+def _artifact_times(dvc_yaml: str = "dvc.yaml") -> dict[str, tuple[int, int, int]]:
+    """(size, atime, mtime) in ns of every file under the ``outs`` of ``dvc_yaml``'s stages."""
+    import os
+
+    import yaml
+
+    with open(dvc_yaml) as fh:
+        stages = (yaml.safe_load(fh) or {}).get("stages", {})
+    outs = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
+    times = {}
+    for out in outs:
+        paths = [out] if os.path.isfile(out) else [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+        for path in paths:
+            st = os.stat(path)
+            times[path] = (st.st_size, st.st_atime_ns, st.st_mtime_ns)
+    return times
+
+
+def _restore_times(times: dict[str, tuple[int, int, int]]) -> None:
+    """Put back the times recorded by :func:`_artifact_times` on files of unchanged size."""
+    import os
+
+    for path, (size, atime, mtime) in times.items():
+        try:
+            if os.stat(path).st_size == size:
+                os.utime(path, ns=(atime, mtime))
+        except OSError:  # removed meanwhile: nothing to restore
+            pass
 
 
 def get_key(config: dict, dotted: str):
