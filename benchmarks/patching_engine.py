@@ -54,10 +54,47 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# ---- shared by the benchmark scripts: model arguments, loading, one result row, the report
+def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "resources" / "models" / "smollm2-135m")
     ap.add_argument("--model", default="smollm2-135m", help="prepared into --model-dir if missing")
+
+
+def load(args):
+    """The model of ``--model-dir`` (prepared from ``--model`` if missing), its TransformerLens
+    bridge, and the run's description (model, threads, machine, torch version)."""
+    from mechrepro.registry import load_model, prepare_model
+
+    torch.manual_seed(0)
+    if not (args.model_dir / "manifest.json").exists():
+        prepare_model(args.model, args.model_dir)
+    lm = load_model(args.model_dir)
+    info = {"model": lm.description(), "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    return lm, boot_transformer_lens(args.model_dir), info
+
+
+def sweep(t_tl: float, t_ours: float, max_abs_diff: float, **extra) -> dict:
+    return {"transformer_lens_s": t_tl, "engine_s": t_ours, "speedup": t_tl / t_ours, "max_abs_diff": max_abs_diff,
+            **extra}
+
+
+def report(results: dict, headline: str, out: Path) -> None:
+    """Print the sweeps as a table under ``headline`` and write ``results`` to ``out`` (JSON)."""
+    print(headline)
+    print(f"{'sweep':<16}{'TransformerLens s':>19}{'engine s':>10}{'speed-up':>10}{'max |diff|':>12}")
+    for name, r in results["sweeps"].items():
+        what = f"   {r['what']}" if "what" in r else ""
+        print(f"{name:<16}{r['transformer_lens_s']:>19.1f}{r['engine_s']:>10.2f}{r['speedup']:>9.1f}x"
+              f"{r['max_abs_diff']:>12.2e}{what}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
     ap.add_argument("--n-prompts", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "patching_engine.json")
     args = ap.parse_args(argv)
@@ -65,12 +102,8 @@ def main(argv=None) -> int:
     from transformer_lens import patching as tlp
 
     from mechrepro import engine as E
-    from mechrepro.registry import load_model, prepare_model
 
-    torch.manual_seed(0)
-    if not (args.model_dir / "manifest.json").exists():
-        prepare_model(args.model, args.model_dir)
-    lm = load_model(args.model_dir)
+    lm, bridge, info = load(args)
     model = lm.model
     batch = load_prompts(lm, args.n_prompts)
     clean, corrupt, io, s = batch.tokens, batch.abc, batch.io, batch.s
@@ -86,10 +119,7 @@ def main(argv=None) -> int:
         last = logits[:, -1]
         return (last[rows, io] - last[rows, s]).mean()
 
-    bridge = boot_transformer_lens(args.model_dir)
-    results = {"model": lm.description(), "n_prompts": b, "seq_len": p, "layers": L, "heads": H,
-               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-               "torch": torch.__version__}
+    results = {**info, "n_prompts": b, "seq_len": p, "layers": L, "heads": H}
 
     # ---- TransformerLens
     with torch.no_grad():
@@ -117,18 +147,11 @@ def main(argv=None) -> int:
     our_all, t_our_all = timed(ours_all)
 
     results["sweeps"] = {
-        "end": {"transformer_lens_s": t_tl_end, "engine_s": t_our_end, "speedup": t_tl_end / t_our_end,
-                "max_abs_diff": (our_end - tl_end).abs().max().item(), "n_patches": L * H},
-        "all_positions": {"transformer_lens_s": t_tl_all, "engine_s": t_our_all, "speedup": t_tl_all / t_our_all,
-                          "max_abs_diff": (our_all - tl_all).abs().max().item(), "n_patches": L * H},
+        "end": sweep(t_tl_end, t_our_end, (our_end - tl_end).abs().max().item(), n_patches=L * H),
+        "all_positions": sweep(t_tl_all, t_our_all, (our_all - tl_all).abs().max().item(), n_patches=L * H),
     }
-    print(f"model {results['model']}; {b} prompts x {p} tokens; {L * H} heads; torch threads {results['threads']}")
-    print(f"{'sweep':<15}{'TransformerLens s':>19}{'engine s':>10}{'speed-up':>10}{'max |diff|':>12}")
-    for name, r in results["sweeps"].items():
-        print(f"{name:<15}{r['transformer_lens_s']:>19.1f}{r['engine_s']:>10.2f}{r['speedup']:>9.1f}x{r['max_abs_diff']:>12.2e}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report(results, f"model {results['model']}; {b} prompts x {p} tokens; {L * H} heads; "
+                    f"torch threads {results['threads']}", args.out)
     return 0
 
 

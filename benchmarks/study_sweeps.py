@@ -28,8 +28,6 @@ Usage: python benchmarks/study_sweeps.py [--model-dir resources/models/smollm2-1
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import sys
 from collections import Counter
@@ -40,7 +38,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patching_engine import ROOT, boot_transformer_lens, timed  # noqa: E402
+from patching_engine import ROOT, add_model_args, load, report, sweep, timed  # noqa: E402
 
 
 def study_b(lm, bridge, n_pairs: int, layer: int, batch_size: int) -> dict:
@@ -101,9 +99,9 @@ def study_b(lm, bridge, n_pairs: int, layer: int, batch_size: int) -> dict:
         tl_lds, t_tl = timed(tl)
         our_lds, t_ours = timed(ours)
     diff = max((a - b).abs().max().item() for a, b in zip(our_lds, tl_lds))
-    return {"what": f"Table 1 evaluation at layer {layer}: {len(rows)} patches (full + 3 directions at the MLP, "
-                    f"full + 5 in the residual stream) on {len(batch)} pairs", "n_pairs": len(batch), "layer": layer,
-            "transformer_lens_s": t_tl, "engine_s": t_ours, "speedup": t_tl / t_ours, "max_abs_diff": diff}
+    return sweep(t_tl, t_ours, diff, n_pairs=len(batch), layer=layer,
+                 what=f"Table 1 evaluation at layer {layer}: {len(rows)} patches (full + 3 directions at the MLP, "
+                      f"full + 5 in the residual stream) on {len(batch)} pairs")
 
 
 def mcq_prompts(lm, n: int, seed: int = 0):
@@ -155,15 +153,14 @@ def study_c(lm, bridge, n: int) -> dict:
         (tl_heads, tl_mlps), t_tl = timed(tl)
     res, t_ours = timed(lambda: ma.patch_nodes(model, cb, xb))
     diff = max((res["heads_total"] - tl_heads).abs().max().item(), (res["mlps_total"] - tl_mlps).abs().max().item())
-    return {"what": f"total effect of {L * H} heads and {L} MLPs at the final position on {n} prompts of {p} tokens "
-                    "(the engine also computes the direct effects)", "n_prompts": n, "seq_len": p,
-            "transformer_lens_s": t_tl, "engine_s": t_ours, "speedup": t_tl / t_ours, "max_abs_diff": diff}
+    return sweep(t_tl, t_ours, diff, n_prompts=n, seq_len=p,
+                 what=f"total effect of {L * H} heads and {L} MLPs at the final position on {n} prompts of {p} tokens "
+                      "(the engine also computes the direct effects)")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "resources" / "models" / "smollm2-135m")
-    ap.add_argument("--model", default="smollm2-135m", help="prepared into --model-dir if missing")
+    add_model_args(ap)
     ap.add_argument("--n-pairs", type=int, default=1000, help="Study B: held-out pairs (the stage: 1000)")
     ap.add_argument("--layer", type=int, default=22, help="Study B: site layer (22 = SmolLM2's, from its circuit)")
     ap.add_argument("--batch-size", type=int, default=50)
@@ -172,28 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "study_sweeps.json")
     args = ap.parse_args(argv)
 
-    from mechrepro.registry import load_model, prepare_model
-
-    torch.manual_seed(0)
-    if not (args.model_dir / "manifest.json").exists():
-        prepare_model(args.model, args.model_dir)
-    lm = load_model(args.model_dir)
-    bridge = boot_transformer_lens(args.model_dir)
-    results = {"model": lm.description(), "threads": torch.get_num_threads(),
-               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "sweeps": {}}
+    lm, bridge, info = load(args)
+    results = {**info, "sweeps": {}}
     if "b" in args.studies:
         results["sweeps"]["study_b_table1"] = study_b(lm, bridge, args.n_pairs, args.layer, args.batch_size)
     if "c" in args.studies:
         results["sweeps"]["study_c_nodes"] = study_c(lm, bridge, args.n_mcq)
-    print(f"model {results['model']}; torch threads {results['threads']}")
-    print(f"{'sweep':<16}{'TransformerLens s':>19}{'engine s':>10}{'speed-up':>10}{'max |diff|':>12}")
-    for name, r in results["sweeps"].items():
-        print(f"{name:<16}{r['transformer_lens_s']:>19.1f}{r['engine_s']:>10.2f}{r['speedup']:>9.1f}x"
-              f"{r['max_abs_diff']:>12.2e}   {r['what']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report(results, f"model {results['model']}; torch threads {results['threads']}", args.out)
     return 0
 
 
