@@ -51,6 +51,13 @@ def _prov(snk, model: dict | None = None) -> dict:
     return art.provenance(snk.rule, rule_config(snk.rule, snk.config, getattr(snk, "wildcards", None)), list(snk.input), model)
 
 
+def _save_table_and_summary(snk, frame: pd.DataFrame, summary: dict, model: dict | None = None) -> None:
+    """Write a stage's ``output.csv`` table and ``output.json`` summary with one provenance record."""
+    prov = _prov(snk, model)
+    art.save_csv(snk.output.csv, frame, prov)
+    art.save_json(snk.output.json, summary, prov)
+
+
 def _model(snk):
     from .registry import load_model
 
@@ -143,9 +150,7 @@ def ioi_inference(snk) -> None:
                "by_order": {o: {"ld": g.ld.mean(), "accuracy": g.correct.mean(), "p_io": g.p_io.mean(), "n": len(g)}
                             for o, g in frame.groupby("order")}}
     log.info("%s: LD %.3f, accuracy %.3f, P(IO) %.3f", snk.wildcards.variant, *summary["pooled"].values())
-    prov = _prov(snk, lm.manifest)
-    art.save_csv(snk.output.csv, frame, prov)
-    art.save_json(snk.output.json, summary, prov)
+    _save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
 def ioi_circuit(snk) -> None:
@@ -234,9 +239,7 @@ def ioi_head_patching(snk) -> None:
     log.info("head patching on %d prompts: %s; attribution vs exact: END %s, all positions %s", len(batch),
              {k: round(v, 1) for k, v in summary["timings"].items()}, summary["agreement_end"],
              summary["agreement_all_positions"])
-    prov = _prov(snk, lm.manifest)
-    art.save_csv(snk.output.csv, frame, prov)
-    art.save_json(snk.output.json, summary, prov)
+    _save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
 def ioi_metrics(snk) -> None:

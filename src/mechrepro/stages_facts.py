@@ -17,7 +17,7 @@ import torch
 
 from . import artifacts as art
 from . import facts as F
-from .stages import _model, _prov, _setup
+from .stages import _model, _prov, _save_table_and_summary, _setup
 
 log = logging.getLogger("mechrepro")
 
@@ -139,9 +139,7 @@ def rome_layer(snk) -> None:
     summary["model"] = lm.name
     log.info("layer %d: rewrite ROME %.3f, derived %.3f, row-only %.3f, pearson %s; %.1fs", layer,
              summary["rome"], summary["derived_subspace"], summary["row_only"], summary["pearson"], summary["timings"]["seconds"])
-    prov = _prov(snk, lm.manifest)
-    art.save_csv(snk.output.csv, frame, prov)
-    art.save_json(snk.output.json, summary, prov)
+    _save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
 FACTS_KEYS = ("n_pairs", "flip_frac_1d", "flip_frac_full_mlp", "flip_frac_row", "flip_frac_null",

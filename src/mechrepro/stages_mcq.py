@@ -20,7 +20,7 @@ import torch
 from . import artifacts as art
 from . import mcq
 from . import mcq_analysis as ma
-from .stages import _model, _prov, _setup
+from .stages import _model, _prov, _save_table_and_summary, _setup
 
 log = logging.getLogger("mechrepro")
 
@@ -171,9 +171,7 @@ def mcq_accuracy(snk) -> None:
                "example": prompts[0].text}
     log.info("%s: accuracy %.3f, loss %.3f, LD %.3f", data["label_set"], summary["accuracy"], summary["loss"],
              summary["ld"])
-    prov = _prov(snk, lm.manifest)
-    art.save_csv(snk.output.csv, frame, prov)
-    art.save_json(snk.output.json, summary, prov)
+    _save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
 def mcq_dla(snk) -> None:
@@ -201,9 +199,7 @@ def mcq_dla(snk) -> None:
     log.info("DLA on %d prompts: LD %.3f, parts sum to %.3f (max error %.2e); top-%d nodes carry %.1f%% of |DLA|",
              len(clean), summary["ld"], summary["dla_total"], summary["max_abs_sum_error"], k,
              100 * summary["top_k_share_abs"])
-    prov = _prov(snk, lm.manifest)
-    art.save_csv(snk.output.csv, frame, prov)
-    art.save_json(snk.output.json, summary, prov)
+    _save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
 def mcq_patching(snk) -> None:
@@ -239,9 +235,7 @@ def mcq_patching(snk) -> None:
                "timings": {"patching_seconds": round(time.time() - t, 1)}}
     log.info("patching: clean LD %.3f, corrupted LD %.3f; flagged (large total, small direct): %s",
              summary["clean_ld"], summary["corrupt_ld"], summary["flagged"])
-    prov = _prov(snk, lm.manifest)
-    art.save_csv(snk.output.csv, frame, prov)
-    art.save_json(snk.output.json, summary, prov)
+    _save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
 def mcq_heads(snk) -> None:
@@ -284,9 +278,8 @@ def mcq_heads(snk) -> None:
             rows.append(row)
     frame = pd.DataFrame(rows)
     log.info("head categories: %s", frame.category.value_counts().to_dict())
-    art.save_csv(snk.output.csv, frame, _prov(snk, lm.manifest))
-    art.save_json(snk.output.json, {"model": lm.name, "n": n, "rules": ma.CATEGORY_RULES,
-                                    "counts": frame.category.value_counts().to_dict()}, _prov(snk, lm.manifest))
+    _save_table_and_summary(snk, frame, {"model": lm.name, "n": n, "rules": ma.CATEGORY_RULES,
+                                         "counts": frame.category.value_counts().to_dict()}, lm.manifest)
 
 
 def _pick_head(heads: pd.DataFrame) -> tuple[tuple[int, int], str]:
