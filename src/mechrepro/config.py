@@ -239,18 +239,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def read_yaml(path: str | Path, missing: Exception, invalid: type[Exception] = ValueError):
+    """The parsed YAML file ``path``; raises ``missing`` when there is no such file and
+    ``invalid`` (naming the file, line and column) when it is not valid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise invalid(f"{path} is not valid YAML: {exc}") from exc
+
+
 def load_ioi_data(path: str | Path) -> dict:
     """Read and check the IOI prompt material (templates, names, places, objects)."""
     from .ioi import DatasetError, check_template
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config key 'ioi.data_file': {path} does not exist; set it to the IOI prompt "
-                          "material (the default is config/ioi_data.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, ConfigError(f"config key 'ioi.data_file': {path} does not exist; set it to the IOI prompt "
+                                       "material (the default is config/ioi_data.yaml)"), ConfigError)
     for key in ("templates", "variant_sentences", "names", "places", "objects"):
         if not isinstance(data, dict) or not data.get(key):
             raise ConfigError(f"{path}: the key '{key}' is missing or empty")

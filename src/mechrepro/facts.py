@@ -36,11 +36,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 from torch import Tensor
 
 from . import rome as R
 from . import subspace as S
+from .config import read_yaml
 from .model import Transformer
 
 Encode = Callable[[str], list[int]]
@@ -54,10 +54,8 @@ def _nolog(*_args) -> None:
 # ------------------------------------------------------------------ fact material
 def load_facts_data(path: str | Path) -> dict[str, dict]:
     """Relations ``{name: {"prompt": "… {} …", "facts": {subject: object}}}`` from a YAML file, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"facts data file {path} not found; set facts.data_file to a YAML file of relations")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, FileNotFoundError(f"facts data file {path} not found; set facts.data_file to a YAML file "
+                                             "of relations")) or {}
     relations = data.get("relations")
     if not isinstance(relations, dict) or not relations:
         raise ValueError(f"{path}: needs a non-empty 'relations' mapping (name -> {{prompt, facts}})")

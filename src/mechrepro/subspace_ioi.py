@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import Tensor
 
 from . import subspace as S
+from .config import read_yaml
 from .ioi import DatasetError, render, single_token_words, tokenize
 from .model import Transformer
 
@@ -82,14 +82,8 @@ SLOTS = ("{N1}", "{N2}", "{S}")
 def load_data(path: str | Path) -> dict:
     """Read and check the Study B template file: ``templates`` (id -> text), ``train_templates``,
     ``test_templates``. Raises :class:`DatasetError` naming the file and what to fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"config key 'subspace_ioi.data_file': {path} does not exist; the default is "
-                           "config/subspace_ioi_data.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, DatasetError(f"config key 'subspace_ioi.data_file': {path} does not exist; the default is "
+                                        "config/subspace_ioi_data.yaml"), DatasetError)
     if not isinstance(data, dict) or not isinstance(data.get("templates"), dict) or not data["templates"]:
         raise DatasetError(f"{path}: 'templates' must map template ids to template texts")
     for split in ("train_templates", "test_templates"):
