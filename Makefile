@@ -4,7 +4,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 CORES ?= 2
 
-.PHONY: all test env report lint dvc-yaml clean-results
+.PHONY: all test test-fast env report lint dvc-yaml clean-results
 
 env:
 	scripts/setup_env.sh $(VENV)
@@ -15,15 +15,20 @@ all: env
 test: env
 	pytest
 
+# Unit tests only (tiny random models, no Snakemake run): run after every change.
+test-fast: env
+	pytest -m "not slow and not workflow"
+
 report: env
 	snakemake --report report.html
 
 lint: env
 	snakemake --lint
-	python -m mechrepro.dvcgen --check
+	python -m mechrepro.workflow.dvcgen --check
 
 dvc-yaml: env
-	python -m mechrepro.dvcgen
+	python -m mechrepro.workflow.dvcgen
 
-clean-results:
-	rm -rf results figures/ioi_generalization figures/subspace_illusion figures/mcq_circuits logs .snakemake
+clean-results:  # every study's results, figures (figures/<study>/) and logs
+	rm -rf results logs .snakemake
+	find figures -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

@@ -1,5 +1,6 @@
 # mechrepro workflow: `snakemake all` regenerates every figure, the metrics and the scorecard.
-# Config: config/config.yaml (validated against config/schema.yaml by workflow/rules/common.smk).
+# Config: config/config.yaml, validated against workflow/schemas/ by workflow/rules/common.smk.
+# Studies: every study registered in src/mechrepro/studies/ brings workflow/rules/<study>.smk.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,11 +23,14 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
-include: "workflow/rules/ioi.smk"
+
+
+for _study in STUDIES:
+
+    include: f"workflow/rules/{_study}.smk"
+
+
 include: "workflow/rules/figures.smk"
-include: "workflow/rules/subspace.smk"
-include: "workflow/rules/mcq.smk"
-include: "workflow/rules/facts.smk"
 include: "workflow/rules/scorecard.smk"
 
 

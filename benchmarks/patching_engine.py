@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_prompts(lm, n: int, seed: int = 0):
     """``n`` base IOI prompts of one template (equal length, as TransformerLens's by-pos index needs)."""
-    from mechrepro.ioi import make_dataset, to_batch
+    from mechrepro.studies.ioi_generalization.data import make_dataset, to_batch
 
     data = yaml.safe_load((ROOT / "config" / "ioi_data.yaml").read_text())
     data["templates"] = data["templates"][:1]
@@ -63,7 +63,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 def load(args):
     """The model of ``--model-dir`` (prepared from ``--model`` if missing), its TransformerLens
     bridge, and the run's description (model, threads, machine, torch version)."""
-    from mechrepro.registry import load_model, prepare_model
+    from mechrepro.core.registry import load_model, prepare_model
 
     torch.manual_seed(0)
     if not (args.model_dir / "manifest.json").exists():
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     from transformer_lens import patching as tlp
 
-    from mechrepro import engine as E
+    from mechrepro.core import engine as E
 
     lm, bridge, info = load(args)
     model = lm.model

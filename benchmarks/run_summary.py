@@ -1,8 +1,9 @@
 """Summarise a workflow run's timings and memory per study and per rule.
 
-Every rule writes Snakemake's benchmark file ``results/benchmarks/<rule>/….tsv`` (wall seconds,
-``max_rss`` in MB, CPU seconds). This script reads the newest line of each and prints, per study,
-the number of jobs, the summed job wall and CPU times and the largest peak memory, then every rule.
+Every rule writes Snakemake's benchmark file ``results/benchmarks/<study>/<rule>/….tsv`` (wall
+seconds, ``max_rss`` in MB, CPU seconds; ``<study>`` is ``shared`` for the model and the scorecard).
+This script reads the newest line of each and prints, per study, the number of jobs, the summed job
+wall and CPU times and the largest peak memory, then every rule.
 Jobs run side by side with ``--cores 2``, so summed job times exceed the run's wall time.
 
 Usage: python benchmarks/run_summary.py [results/benchmarks] [--json out.json]
@@ -17,14 +18,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY_PREFIXES = {"A": ("ioi", "prepare_model"), "B": ("subspace", "facts", "rome"), "C": ("mcq",)}
-
-
-def study_of(rule: str) -> str:
-    for study, prefixes in STUDY_PREFIXES.items():
-        if rule.startswith(prefixes):
-            return study
-    return "shared"
 
 
 def _number(value: str) -> float:
@@ -35,7 +28,9 @@ def _number(value: str) -> float:
 
 
 def read(root: Path) -> list[dict]:
-    """One row per job: rule, job (the file's path under ``root``), study, wall s, CPU s, max_rss MB."""
+    """One row per job: rule, job (the file's path under ``root``), study, wall s, CPU s, max_rss MB.
+
+    The study and the rule are the first two parts of the file's path under ``root``."""
     rows = []
     for path in sorted(root.rglob("*.tsv")):
         with path.open() as fh:
@@ -43,9 +38,9 @@ def read(root: Path) -> list[dict]:
         if not records:
             continue
         last = records[-1]
-        job = str(path.relative_to(root))[:-4]
-        rule = job.split("/")[0]
-        rows.append({"rule": rule, "job": job, "study": study_of(rule), "wall_s": _number(last["s"]),
+        job = path.relative_to(root).as_posix()[:-4]
+        study, rule = (job.split("/") + [""])[:2]
+        rows.append({"rule": rule, "job": job, "study": study, "wall_s": _number(last["s"]),
                      "cpu_s": _number(last.get("cpu_time", "0")), "max_rss_mb": _number(last["max_rss"])})
     return rows
 
@@ -72,9 +67,9 @@ def main(argv=None) -> int:
         print(f"no benchmark files under {args.root}: run 'snakemake all' first", file=sys.stderr)
         return 1
     studies, rules = summarise(rows, "study"), summarise(rows, "rule")
-    print(f"{'study':<8}{'jobs':>5}{'summed wall min':>17}{'summed CPU min':>16}{'peak MB':>9}  peak rule")
+    print(f"{'study':<20}{'jobs':>5}{'summed wall min':>17}{'summed CPU min':>16}{'peak MB':>9}  peak rule")
     for name, s in sorted(studies.items()):
-        print(f"{name:<8}{s['jobs']:>5}{s['wall_s'] / 60:>17.1f}{s['cpu_s'] / 60:>16.1f}{s['max_rss_mb']:>9.0f}  "
+        print(f"{name:<20}{s['jobs']:>5}{s['wall_s'] / 60:>17.1f}{s['cpu_s'] / 60:>16.1f}{s['max_rss_mb']:>9.0f}  "
               f"{s['peak_rule']}")
     print(f"\n{'rule':<24}{'jobs':>5}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}")
     for name, s in sorted(rules.items(), key=lambda kv: -kv[1]["wall_s"]):

@@ -43,8 +43,8 @@ from patching_engine import ROOT, add_model_args, load, report, sweep, timed  # 
 
 def study_b(lm, bridge, n_pairs: int, layer: int, batch_size: int) -> dict:
     """Table 1 style evaluation: full and 1-D patches at the MLP and residual sites."""
-    from mechrepro import subspace as S
-    from mechrepro import subspace_ioi as SI
+    from mechrepro.core import subspace as S
+    from mechrepro.studies.subspace_illusion import ioi as SI
 
     templates = SI.load_data(ROOT / "config" / "subspace_ioi_data.yaml")
     lists = yaml.safe_load((ROOT / "config" / "ioi_data.yaml").read_text())
@@ -106,7 +106,7 @@ def study_b(lm, bridge, n_pairs: int, layer: int, batch_size: int) -> dict:
 
 def mcq_prompts(lm, n: int, seed: int = 0):
     """``n`` synthetic ABCD prompts of one token length and their content-permuted versions."""
-    from mechrepro import mcq
+    from mechrepro.studies.mcq_circuits import data as mcq
 
     items = mcq.synthetic_items(40 * n, seed, prefix="bench")
     clean = mcq.make_prompts(items, "abcd", lm.tokenizer, lm.bos_id, seed)
@@ -123,8 +123,8 @@ def study_c(lm, bridge, n: int) -> dict:
     """Total effects of every head and MLP at the final position, content-permuted source."""
     from transformer_lens import patching as tlp
 
-    from mechrepro import mcq
-    from mechrepro import mcq_analysis as ma
+    from mechrepro.studies.mcq_circuits import data as mcq
+    from mechrepro.studies.mcq_circuits import analysis as ma
 
     clean, corrupt = mcq_prompts(lm, n)
     cb, xb = mcq.to_batch(clean, lm.bos_id), mcq.to_batch(corrupt, lm.bos_id)

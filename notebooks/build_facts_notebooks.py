@@ -4,7 +4,7 @@
 
 Every notebook: a Markdown cell (what the figure is, which paper figure, definitions), a ``parameters``
 cell for papermill, then load -> table of plotted numbers -> figure + caption -> save PNG and CSV.
-The notebooks only read artifacts; the logic is in :mod:`mechrepro.plotting_facts`.
+The notebooks only read artifacts; the logic is in :mod:`mechrepro.studies.subspace_illusion.plotting_facts`.
 """
 
 from pathlib import Path
@@ -64,7 +64,7 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
           "`{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
     params = ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
               f'fig_name = "{name}"\ndpi = 150')
-    setup = ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_facts as F\n\n"
+    setup = ("from IPython.display import Image, display\n\nfrom mechrepro.studies.subspace_illusion import plotting_facts as F\n\n"
              "art = F.load(results_dir)")
     return assemble(name, md, params, setup, spec, "F")
 

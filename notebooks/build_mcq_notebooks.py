@@ -5,7 +5,7 @@
 Every notebook: a Markdown cell (what the figure is, which paper figure, definitions and rules), a
 ``parameters`` cell for papermill, then load -> table of plotted numbers -> figure + caption (model,
 N) -> save PNG and CSV. The notebooks only read artifacts; the logic is in
-:mod:`mechrepro.plotting_mcq`.
+:mod:`mechrepro.studies.mcq_circuits.plotting`.
 """
 
 from pathlib import Path
@@ -159,7 +159,7 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
           "and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
     params = ('results_dir = "results/mcq_circuits"\nfigures_dir = "figures/mcq_circuits"\n'
               f'fig_name = "{name}"\ndpi = 150')
-    setup = ("from IPython.display import Image, display\n\nfrom mechrepro import plotting_mcq\n\n"
+    setup = ("from IPython.display import Image, display\n\nfrom mechrepro.studies.mcq_circuits import plotting as plotting_mcq\n\n"
              "art = plotting_mcq.load(results_dir)\nmetrics = art.metrics")
     return assemble(name, md, params, setup, spec, "plotting_mcq")
 

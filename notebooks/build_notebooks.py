@@ -4,7 +4,7 @@
 
 Every notebook: a Markdown cell (what the figure is, which paper figure, definitions), a ``parameters``
 cell for papermill, then load -> table of plotted numbers -> figure + caption -> save PNG and CSV.
-The notebooks only read artifacts; the logic is in :mod:`mechrepro.plotting`.
+The notebooks only read artifacts; the logic is in :mod:`mechrepro.studies.ioi_generalization.plotting`.
 """
 
 from pathlib import Path
@@ -151,7 +151,7 @@ FIGURES = {
         replicates="no paper figure: the check of the patching engine's attribution ranking (issue: performance)",
         body="Every head's output `z` in the clean base prompts is replaced by its output on the ABC prompt, at "
              "END only or at all positions, and the relative change of the mean LD is measured exactly by the "
-             "patching engine (`mechrepro.engine`). Attribution patching estimates the same effects to first order "
+             "patching engine (`mechrepro.core.engine`). Attribution patching estimates the same effects to first order "
              "from one forward and one backward pass: `<dLD/dz, z_ABC - z_clean>`. Titles give the Spearman rank "
              "correlation and the top-k overlap (by |effect|); the five largest exact effects are labelled.",
         data="data = plotting.head_patching_data(art)\nsummary = plotting.head_patching_summary(art)\ndata.head()",
@@ -199,7 +199,7 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
           "`results_dir` and writes `{figures_dir}/{fig_name}.png` and `.csv` (the plotted numbers).")
     params = ('results_dir = "results/ioi_generalization"\nfigures_dir = "figures/ioi_generalization"\n'
               f'fig_name = "{name}"\ndpi = 150\nn_samples = 50')
-    setup = ("from IPython.display import Image, display\n\nfrom mechrepro import plotting\n\n"
+    setup = ("from IPython.display import Image, display\n\nfrom mechrepro.studies.ioi_generalization import plotting\n\n"
              "art = plotting.load(results_dir)\nmetrics = art.metrics")
     return assemble(name, md, params, setup, spec, "plotting")
 

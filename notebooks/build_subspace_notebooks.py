@@ -4,7 +4,7 @@
 
 Every notebook: a Markdown cell (what the figure is, which part of the paper, definitions), a
 ``parameters`` cell for papermill, then load -> table of plotted numbers -> figure + caption -> save
-PNG and CSV. The notebooks only read artifacts; the code is in :mod:`mechrepro.plotting_subspace`.
+PNG and CSV. The notebooks only read artifacts; the code is in :mod:`mechrepro.studies.subspace_illusion.plotting`.
 """
 
 from pathlib import Path
@@ -103,7 +103,7 @@ def build(name: str, spec: dict) -> nbformat.NotebookNode:
         load += "\nmetrics = art.metrics"
     params = ('results_dir = "results/subspace_illusion"\nfigures_dir = "figures/subspace_illusion"\n'
               f'fig_name = "{name}"\nreference_file = "reference/published.yaml"\ndpi = 150')
-    setup = "from IPython.display import Image, display\n\nfrom mechrepro import plotting_subspace\n\n" + load
+    setup = "from IPython.display import Image, display\n\nfrom mechrepro.studies.subspace_illusion import plotting as plotting_subspace\n\n" + load
     return assemble(name, md, params, setup, spec, "plotting_subspace")
 
 

@@ -59,7 +59,7 @@ def hf_models():
 
 @pytest.fixture(scope="session")
 def models(hf_models):
-    from mechrepro.model import Transformer
+    from mechrepro.core.model import Transformer
 
     return {arch: Transformer.from_hf(m) for arch, m in hf_models.items()}
 
@@ -92,7 +92,7 @@ def toy_batch():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from mechrepro.registry import gpt2_tokenizer
+    from mechrepro.core.registry import gpt2_tokenizer
 
     return gpt2_tokenizer()
 

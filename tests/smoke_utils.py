@@ -77,7 +77,7 @@ def snapshot(tmp_path_factory) -> Path:
         copy_repo(snap)
         shutil.copy(snap / "config" / "smoke.yaml", snap / "config" / "config.yaml")
         run([BIN / "dvc", "config", "core.no_scm", "true"], snap)
-        run([sys.executable, "-m", "mechrepro.dvcgen", "--root", str(snap)], snap)
+        run([sys.executable, "-m", "mechrepro.workflow.dvcgen", "--root", str(snap)], snap)
         _SNAPSHOT.append(snap)
     return _SNAPSHOT[0]
 

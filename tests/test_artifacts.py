@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechrepro import artifacts as A
-from mechrepro.artifacts import ArtifactError
+from mechrepro.workflow import artifacts as A
+from mechrepro.workflow.artifacts import ArtifactError
 
 
 def _sha(path):

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from smoke_utils import output_files, run, sha256, shared_run
 
-from mechrepro import artifacts as A
-from mechrepro.audit import audit
-from mechrepro.pipeline import FIGURES, RESULTS, figures_for
+from mechrepro.workflow import artifacts as A
+from mechrepro.workflow.audit import audit
+from mechrepro.studies import study
+
+A = study("ioi_generalization")
+RESULTS, FIGURES = A.results, A.figures_dir
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +56,14 @@ def test_figure_chain(smoke):
     side = json.loads((smoke / f"{FIGURES}/fig6_value_paths.png.prov.json").read_text())
     first = out.splitlines()[0]
     assert first.startswith(f"{FIGURES}/fig6_value_paths.png  sha256 {sha256(smoke / FIGURES / 'fig6_value_paths.png')}")
-    assert "rule:   ioi_figure" in out and "figures.dpi = 60" in out
+    assert "rule:   figure" in out and "figures.dpi = 60" in out
     # model and weight hash, code version
     assert f"model:  tiny-gpt2, weights sha256 {manifest['weight_sha256']}" in out
     assert f"source sha256 {side['code']['source_sha256']}" in out
     # inputs with their hashes, recursively down to the model and the source files
     for rel in (f"{RESULTS}/value_paths.csv", f"{RESULTS}/circuit.json", f"{RESULTS}/data/base.json",
                 "resources/models/tiny-gpt2/manifest.json", "config/ioi_data.yaml",
-                "notebooks/ioi_generalization/fig6_value_paths.ipynb", "src/mechrepro/plotting.py"):
+                "notebooks/ioi_generalization/fig6_value_paths.ipynb", "src/mechrepro/studies/ioi_generalization/plotting.py"):
         assert f"{rel}  sha256 {sha256(smoke / rel)}" in out, rel
     for rule in ("ioi_value_paths", "ioi_circuit", "ioi_dataset", "prepare_model", "ioi_metrics"):
         assert f"rule:   {rule}" in out, rule
@@ -69,10 +72,10 @@ def test_figure_chain(smoke):
 
 
 def test_every_figure_and_its_csv_has_a_sidecar(smoke):
-    for fig in figures_for(["base", "double_io", "triple_io"]):
+    for fig in A.figure_names({"ioi": {"variants": ["base", "double_io", "triple_io"]}}):
         for ext in ("png", "csv"):
             side = json.loads((smoke / FIGURES / f"{fig}.{ext}{A.PROV_SUFFIX}").read_text())
-            assert side["rule"] == "ioi_figure" and side["artifact"] == f"{FIGURES}/{fig}.{ext}"
+            assert side["rule"] == "figure" and side["artifact"] == f"{FIGURES}/{fig}.{ext}"
             assert side["model"]["name"] == "tiny-gpt2"
             assert f"notebooks/ioi_generalization/{fig}.ipynb" in side["inputs"]
             assert f"{RESULTS}/metrics.json" in side["inputs"]

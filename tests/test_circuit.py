@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from mechrepro import circuit as C
-from mechrepro.ioi import Batch
+from mechrepro.studies.ioi_generalization import circuit as C
+from mechrepro.studies.ioi_generalization.data import Batch
 
 from conftest import ROOT
 
@@ -123,8 +123,8 @@ def test_select_helper():
 @pytest.fixture(scope="module")
 def discovery_setup(ioi_data, tokenizer):
     from conftest import FULL_VOCAB, make_hf
-    from mechrepro.ioi import make_dataset, to_batch
-    from mechrepro.model import Transformer
+    from mechrepro.studies.ioi_generalization.data import make_dataset, to_batch
+    from mechrepro.core.model import Transformer
 
     model = Transformer.from_hf(make_hf("gpt2", vocab=FULL_VOCAB, n_layers=4, seed=2))
     data = dict(ioi_data, templates=ioi_data["templates"][:2])
@@ -138,7 +138,7 @@ def discovery_setup(ioi_data, tokenizer):
 
 
 def test_discover_runs_and_is_consistent(discovery_setup):
-    from mechrepro.patching import logit_diff
+    from mechrepro.core.patching import logit_diff
 
     model, batch, cfg = discovery_setup
     res = C.discover(model, batch, cfg, progress=lambda s: None)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from mechrepro import config as C
-from mechrepro.config import ConfigError
+from mechrepro.workflow import config as C
+from mechrepro.workflow.config import ConfigError
 
 from conftest import ROOT
 
@@ -66,7 +66,7 @@ def test_dotted_overrides():
 @pytest.mark.parametrize("key,value,needles", [
     # typo in a key: names the bad key and the allowed keys of that section
     ("model.nmae", "gpt2", ["'model.nmae'", "name, device, dtype, batch_size"]),
-    ("seeed", 1, ["'seeed'", "seed, studies, model, ioi, circuit"]),
+    ("seeed", 1, ["'seeed'", "seed, studies, model, figures, ioi, circuit"]),
     ("studies", ["ioi_generalization", "no_such_study"], ["studies", "'no_such_study'", "ioi_generalization"]),
     # wrong type
     ("model.batch_size", "50", ["'model.batch_size'", "'50'", "integer"]),
@@ -115,6 +115,7 @@ def test_cuda_without_gpu(base_cfg):
 
 def _copied_data(tmp_path, edit):
     (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config" / "subspace_ioi_data.yaml", tmp_path / "config")  # Study B's, checked too
     dst = tmp_path / "config" / "ioi_data.yaml"
     shutil.copy(ROOT / "config" / "ioi_data.yaml", dst)
     data = yaml.safe_load(dst.read_text())
@@ -156,7 +157,7 @@ def test_invalid_yaml_data_file(base_cfg, tmp_path):
 def test_error_messages_name_only_real_keys(base_cfg):
     """The 'allowed keys' list comes from the schema, so it is always up to date."""
     msg = _err(_set(base_cfg, "circuit.max_heads.nm", 3))
-    schema = yaml.safe_load(C.SCHEMA_PATH.read_text())
+    schema = C.schema()
     allowed = list(schema["properties"]["circuit"]["properties"]["max_heads"]["properties"])
     assert "'circuit.max_heads.nm'" in msg
     assert re.search(r"allowed keys under circuit\.max_heads: " + re.escape(", ".join(allowed)), msg)

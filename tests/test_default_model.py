@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from mechrepro.ioi import make_dataset, to_batch
-from mechrepro.patching import ioi_metrics, run_end_logits
-from mechrepro.registry import load_model, prepare_model
+from mechrepro.studies.ioi_generalization.data import make_dataset, to_batch
+from mechrepro.core.patching import ioi_metrics, run_end_logits
+from mechrepro.core.registry import load_model, prepare_model
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[1] / "config" / "ioi_data.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechrepro.config import ConfigError, resolve_device
-from mechrepro.stages import use_device
+from mechrepro.workflow.config import ConfigError, resolve_device
+from mechrepro.workflow.stage import use_device
 
 
 @pytest.fixture(autouse=True)

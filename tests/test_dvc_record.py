@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from mechrepro.pipeline import record_in_dvc
+from mechrepro.workflow.pipeline import record_in_dvc
 
 BIN = Path(sys.executable).parent
 

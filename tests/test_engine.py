@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechrepro import engine as E
+from mechrepro.core import engine as E
 
 
 @pytest.fixture(params=["gpt2", "llama"])

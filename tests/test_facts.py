@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mechrepro import facts as F
-from mechrepro import rome as R
-from mechrepro import subspace as S
+from mechrepro.studies.subspace_illusion import facts as F
+from mechrepro.studies.subspace_illusion import rome as R
+from mechrepro.core import subspace as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -265,7 +265,7 @@ def _snk(tmp_path, inputs, output, rule):
 
 
 def test_facts_summary_collects_layers_in_order(tmp_path):
-    from mechrepro import stages_facts as SF
+    from mechrepro.studies.subspace_illusion import stages as SF
 
     paths = []
     for layer in (10, 2):

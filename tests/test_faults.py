@@ -29,9 +29,11 @@ from smoke_utils import (
     BIN, compare_runs, kill_group, output_files, popen_snakemake, run, sha256, shared_run, smoke_copy,
 )
 
-from mechrepro import artifacts as A
-from mechrepro.audit import audit
-from mechrepro.pipeline import RESULTS
+from mechrepro.workflow import artifacts as A
+from mechrepro.workflow.audit import audit
+from mechrepro.studies import study
+
+RESULTS = study("ioi_generalization").results
 
 MODEL_DIR = "resources/models/tiny-gpt2"
 
@@ -73,7 +75,7 @@ def test_failure_at_rename_keeps_old_artifact(tmp_path, monkeypatch):
 _KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from mechrepro.artifacts import atomic_path
+from mechrepro.workflow.artifacts import atomic_path
 path, ready = Path(sys.argv[1]), Path(sys.argv[2])
 with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
@@ -148,8 +150,8 @@ KILL_POINTS = [
      lambda w: _tmp_of(w, f"{MODEL_DIR}/.model.safetensors.*.tmp") or (w / MODEL_DIR / "manifest.json").exists()),
     ("ioi_evaluate (base) after writing its first output",
      lambda w: (w / RESULTS / "eval" / "base.json").exists()),
-    ("ioi_figure: papermill writing an executed notebook",
-     lambda w: any((w / "results" / "notebooks").glob("*.ipynb"))),
+    ("figure: papermill writing an executed notebook",
+     lambda w: any((w / "results" / "notebooks").glob("*/*.ipynb"))),
 ]
 
 

@@ -16,7 +16,10 @@ import pytest
 from smoke_utils import BIN, RUN_OUTPUT, shared_run
 from smoke_utils import run as _run
 
-from mechrepro.pipeline import FIGURES, RESULTS, figures_for
+from mechrepro.studies import study
+
+A = study("ioi_generalization")
+RESULTS, FIGURES = A.results, A.figures_dir
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +44,7 @@ def test_figures_and_metrics_exist(smoke):
     assert isinstance(metrics["circuit"]["n_heads"], int)
     assert set(metrics["restored"]["double_io"]) == {"s2_only", "io2_only", "s2_io2", "all"}
     assert set(metrics["restored"]["triple_io"]) == {"s2_only", "io2_only", "io3_only", "s2_io2", "s2_io2_io3", "all"}
-    for fig in figures_for(["base", "double_io", "triple_io"]):
+    for fig in A.figure_names({"ioi": {"variants": ["base", "double_io", "triple_io"]}}):
         png = smoke / FIGURES / f"{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
         assert png.stat().st_size > 5000, fig
@@ -60,7 +63,7 @@ def test_second_run_has_nothing_to_do(smoke):
     assert "Nothing to be done" in out, out[-3000:]
 
 def test_dvc_up_to_date_after_snakemake(smoke):
-    _run([sys.executable, "-m", "mechrepro.dvcgen", "--check", "--root", str(smoke)], smoke)
+    _run([sys.executable, "-m", "mechrepro.workflow.dvcgen", "--check", "--root", str(smoke)], smoke)
     status = _run([BIN / "dvc", "status"], smoke)
     assert "up to date" in status.stdout, status.stdout
     before = {p: p.stat().st_mtime_ns for p in (smoke / RESULTS).rglob("*.json")}
@@ -92,10 +95,10 @@ def _planned_rules(smoke, *config) -> set[str]:
 
 def test_parameter_change_reruns_only_dependents(smoke):
     planned = _planned_rules(smoke, "figures={dpi: 61}")
-    assert "ioi_figure" in planned and all(r == "all" or r.endswith("_figure") for r in planned), planned
+    assert "figure" in planned and all(r == "all" or r == "figure" for r in planned), planned
     # a parameter only one figure draws with reruns only that figure
-    assert _planned_jobs(smoke, "figures={n_attention_samples: 7}") == {"ioi_figure": 1, "all": 1}
-    assert _planned_rules(smoke, "value_paths={n_prompts: 6}") == {"ioi_value_paths", "ioi_figure", "all"}
+    assert _planned_jobs(smoke, "figures={n_attention_samples: 7}") == {"figure": 1, "all": 1}
+    assert _planned_rules(smoke, "value_paths={n_prompts: 6}") == {"ioi_value_paths", "figure", "all"}
     planned = _planned_rules(smoke, "ioi={n_prompts: 12}")
     assert "prepare_model" not in planned and "scorecard" in planned
-    assert {"ioi_dataset", "ioi_inference", "ioi_evaluate", "ioi_metrics", "ioi_figure"} <= planned
+    assert {"ioi_dataset", "ioi_inference", "ioi_evaluate", "ioi_metrics", "figure"} <= planned

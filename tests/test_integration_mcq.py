@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 from smoke_utils import shared_run
 
-from mechrepro.pipeline import MCQ_FIGURES, MCQ_FIGURES_LIST, MCQ_RESULTS
+from mechrepro.studies import study
+
+C = study("mcq_circuits")
+MCQ_RESULTS, MCQ_FIGURES, MCQ_FIGURES_LIST = C.results, C.figures_dir, list(C.figures)
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +52,7 @@ def test_artifacts_figures_and_provenance(smoke):
         png = smoke / MCQ_FIGURES / f"{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, fig
         pd.read_csv(smoke / MCQ_FIGURES / f"{fig}.csv")
-        assert json.loads(Path(str(png) + ".prov.json").read_text())["rule"] == "mcq_figure"
+        assert json.loads(Path(str(png) + ".prov.json").read_text())["rule"] == "figure"
     manifest = json.loads((smoke / "resources/models/mcq-organism/manifest.json").read_text())
     assert manifest["source"]["kind"] == "trained" and manifest["source"]["train_tokens_sha256"]
     for path in (smoke / MCQ_RESULTS).rglob("*.json"):

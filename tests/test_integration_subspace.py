@@ -18,8 +18,13 @@ import torch
 from smoke_utils import BIN, shared_run
 from smoke_utils import run as _run
 
-from mechrepro.pipeline import SUBSPACE_FIGURE_INPUTS, SUBSPACE_FIGURES, SUBSPACE_RESULTS
-from mechrepro.subspace_ioi import TABLE1_ROWS
+from mechrepro.studies import study
+from mechrepro.studies.subspace_illusion import FACTS_FIGURES
+
+B = study("subspace_illusion")
+SUBSPACE_RESULTS, SUBSPACE_FIGURES = B.results, B.figures_dir
+SUBSPACE_FIGURE_INPUTS = [f for f in B.figures if f not in FACTS_FIGURES]  # the toy and IOI figures
+from mechrepro.studies.subspace_illusion.ioi import TABLE1_ROWS
 
 pytestmark = pytest.mark.integration
 
@@ -104,9 +109,9 @@ def _planned(smoke, *config) -> set[str]:
 
 def test_parameter_change_reruns_only_dependents(smoke):
     assert _planned(smoke, "subspace_ioi={epochs: 3}") == {"subspace_ioi_das", "subspace_ioi_eval", "subspace_metrics",
-                                                           "subspace_figure", "scorecard", "all"}
+                                                           "figure", "scorecard", "all"}
     assert _planned(smoke, "subspace={layer: 1}") == {"subspace_ioi_das", "subspace_ioi_eval", "subspace_metrics",
-                                                      "subspace_figure", "scorecard", "all"}
+                                                      "figure", "scorecard", "all"}
 
 
 def test_auto_layer_on_an_unfit_circuit_names_the_config_key(smoke, tmp_path):

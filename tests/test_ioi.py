@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from mechrepro import ioi
-from mechrepro.ioi import DatasetError, make_dataset
+from mechrepro.studies.ioi_generalization import data as ioi
+from mechrepro.studies.ioi_generalization.data import DatasetError, make_dataset
 
 BOS = 50256
 N = 30  # 15 templates x 2 orders

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mechrepro import mcq
+from mechrepro.studies.mcq_circuits import data as mcq
 
 
 def test_synthetic_items_balanced_and_answerable():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import SMALL_VOCAB
 
-from mechrepro import mcq_analysis as ma
+from mechrepro.studies.mcq_circuits import analysis as ma
 
 
 def fake_batch(seed: int, b: int = 6, p: int = 14, n: int = 4) -> dict:

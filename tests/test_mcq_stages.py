@@ -12,9 +12,11 @@ import pytest
 import torch
 import yaml
 
-from mechrepro import artifacts as art
-from mechrepro import mcq, organism, stages_mcq
-from mechrepro.registry import ModelUnavailableError, load_model
+from mechrepro.workflow import artifacts as art
+from mechrepro.studies.mcq_circuits import data as mcq
+from mechrepro.studies.mcq_circuits import organism
+from mechrepro.studies.mcq_circuits import stages as stages_mcq
+from mechrepro.core.registry import ModelUnavailableError, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

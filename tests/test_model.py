@@ -1,11 +1,11 @@
-"""mechrepro.model.Transformer against Hugging Face, and its hook / partial-run API."""
+"""mechrepro.core.model.Transformer against Hugging Face, and its hook / partial-run API."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mechrepro.model import Transformer
+from mechrepro.core.model import Transformer
 
 from conftest import SMALL_VOCAB, make_hf
 

@@ -29,7 +29,9 @@ import sys
 import pytest
 from smoke_utils import RUN_OUTPUT, compare_runs, output_files, run, shared_run
 
-from mechrepro.pipeline import RESULTS
+from mechrepro.studies import study
+
+RESULTS = study("ioi_generalization").results
 
 pytestmark = pytest.mark.integration
 

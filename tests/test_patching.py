@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechrepro import patching as P
-from mechrepro.model import Transformer
+from mechrepro.core import patching as P
+from mechrepro.core.model import Transformer
 
 
 def _clean_and_corrupt(model, batch):

@@ -19,7 +19,7 @@ def test_slurm_profile_dry_run_resolves_dag_with_resources():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
     jobs = re.findall(r"^rule (\w+):", out, flags=re.M)
-    assert {"prepare_model", "ioi_circuit", "ioi_evaluate", "ioi_figure", "scorecard"} <= set(jobs)
+    assert {"prepare_model", "ioi_circuit", "ioi_evaluate", "figure", "scorecard"} <= set(jobs)
     blocks = re.split(r"^rule ", out, flags=re.M)[1:]
     for block in blocks:
         name = block.split(":")[0]

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from mechrepro import registry as R
-from mechrepro.registry import ModelUnavailableError
+from mechrepro.core import registry as R
+from mechrepro.core.registry import ModelUnavailableError
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_hf_name_loads_through_the_hub_path(tmp_path):
     """`hf:<id>` goes through the hub loading code; a local directory stands in for the hub here."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mechrepro.registry import gpt2_tokenizer, load_model, prepare_model
+    from mechrepro.core.registry import gpt2_tokenizer, load_model, prepare_model
 
     src = tmp_path / "fake_hub_model"
     torch.manual_seed(1)
@@ -144,7 +144,7 @@ def test_hf_name_loads_through_the_hub_path(tmp_path):
 def test_unreachable_hub_model_fails_fast_with_instructions(tmp_path, monkeypatch):
     import time
 
-    from mechrepro.registry import ModelUnavailableError, prepare_model
+    from mechrepro.core.registry import ModelUnavailableError, prepare_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.time()

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from mechrepro import rome as R
-from mechrepro import subspace as S
+from mechrepro.studies.subspace_illusion import rome as R
+from mechrepro.core import subspace as S
 
 F64 = torch.float64
 

@@ -23,15 +23,18 @@ def _tsv(path: Path, *lines: tuple[float, str, float]) -> None:
 
 def test_summary_per_study_and_rule(tmp_path, capsys):
     m = _module()
-    _tsv(tmp_path / "ioi_circuit.tsv", (60.0, "3000.5", 80.0))
-    _tsv(tmp_path / "facts_layer" / "layer0.tsv", (10.0, "900", 9.0))
-    _tsv(tmp_path / "facts_layer" / "layer3.tsv", (99.0, "5", 1.0), (20.0, "1500", 18.0))  # newest line counts
-    _tsv(tmp_path / "mcq_dla.tsv", (2.0, "-", 1.0))
-    _tsv(tmp_path / "scorecard.tsv", (1.0, "300", 1.0))
+    _tsv(tmp_path / "ioi_generalization" / "ioi_circuit.tsv", (60.0, "3000.5", 80.0))
+    _tsv(tmp_path / "subspace_illusion" / "facts_layer" / "layer0.tsv", (10.0, "900", 9.0))
+    _tsv(tmp_path / "subspace_illusion" / "facts_layer" / "layer3.tsv", (99.0, "5", 1.0),
+         (20.0, "1500", 18.0))  # the newest line counts
+    _tsv(tmp_path / "mcq_circuits" / "mcq_dla.tsv", (2.0, "-", 1.0))
+    _tsv(tmp_path / "shared" / "scorecard.tsv", (1.0, "300", 1.0))
     studies = m.summarise(m.read(tmp_path), "study")
-    assert studies["A"] == {"jobs": 1, "wall_s": 60.0, "cpu_s": 80.0, "max_rss_mb": 3000.5, "peak_rule": "ioi_circuit"}
-    assert studies["B"]["jobs"] == 2 and studies["B"]["wall_s"] == 30.0 and studies["B"]["max_rss_mb"] == 1500
-    assert studies["C"]["max_rss_mb"] == 0.0 and studies["shared"]["jobs"] == 1
+    assert studies["ioi_generalization"] == {"jobs": 1, "wall_s": 60.0, "cpu_s": 80.0, "max_rss_mb": 3000.5,
+                                             "peak_rule": "ioi_circuit"}
+    b = studies["subspace_illusion"]
+    assert b["jobs"] == 2 and b["wall_s"] == 30.0 and b["max_rss_mb"] == 1500
+    assert studies["mcq_circuits"]["max_rss_mb"] == 0.0 and studies["shared"]["jobs"] == 1
     assert m.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "facts_layer" in out and "ioi_circuit" in out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mechrepro import scorecard as S
-from mechrepro.artifacts import ArtifactError, write_json
+from mechrepro.workflow import scorecard as S
+from mechrepro.workflow.artifacts import ArtifactError, write_json
 
 from conftest import ROOT
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechrepro import subspace as S
+from mechrepro.core import subspace as S
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

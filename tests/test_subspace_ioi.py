@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from mechrepro import subspace as S
-from mechrepro import subspace_ioi as B
-from mechrepro.ioi import DatasetError
+from mechrepro.core import subspace as S
+from mechrepro.studies.subspace_illusion import ioi as B
+from mechrepro.studies.ioi_generalization.data import DatasetError
 
 from conftest import ROOT, SMALL_VOCAB
 
@@ -262,7 +262,7 @@ def test_projection_and_dormant_tables(models):
 @pytest.mark.parametrize("value, ok", [("auto", True), (8, True), (0, True), ("autox", False), (-1, False),
                                        (2.5, False)])
 def test_subspace_layer_config(value, ok):
-    from mechrepro import config as C
+    from mechrepro.workflow import config as C
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["subspace"]["layer"] = value
@@ -276,7 +276,7 @@ def test_subspace_layer_config(value, ok):
 
 
 def test_subspace_layer_from_the_command_line_is_an_integer():
-    from mechrepro import config as C
+    from mechrepro.workflow import config as C
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     out = C.validate(cfg, root=ROOT, cli_overrides={"subspace": {"layer": "8"}})
@@ -309,7 +309,7 @@ def _snk(tmp_path, parts, out):
 def test_metrics_merge_copies_every_part(tmp_path):
     import json
 
-    from mechrepro.stages_subspace import subspace_metrics
+    from mechrepro.studies.subspace_illusion.stages import subspace_metrics
 
     parts = []
     for name, content in (("toy", {"toy": {"v": -2.0}}), ("ioi", {"ioi_table1": {"v_mlp": {"fldd": 1.0}},

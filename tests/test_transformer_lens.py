@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechrepro.model import Transformer
+from mechrepro.core.model import Transformer
 
 from conftest import FULL_VOCAB, make_hf
 

@@ -2,9 +2,9 @@
 
 * ``audit PATH [PATH ...] [--root DIR]`` — print the provenance chain of an artifact, figure,
   scorecard or results directory and check every recorded hash (exit 1 on any mismatch); see
-  :mod:`mechrepro.audit`.
+  :mod:`mechrepro.workflow.audit`.
 * ``record RULE --config JSON --inputs IN ... --outputs OUT ...`` — write provenance sidecars for
-  files made outside :mod:`mechrepro.stages` (the figure notebooks' PNG, CSV and executed notebook).
+  files made outside :mod:`mechrepro.studies.ioi_generalization.stages` (the figure notebooks' PNG, CSV and executed notebook).
   The model recorded is the one the inputs' own sidecars name.
 * ``notebook IN OUT [papermill options]`` — run papermill; when the Jupyter kernel dies while
   starting (a port race when many kernels start at once, e.g. ``--cores 8``), try again, up to
@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _record(args) -> int:
-    from .artifacts import PROV_SUFFIX, provenance, write_provenance
+    from mechrepro.workflow.artifacts import PROV_SUFFIX, provenance, write_provenance
 
     try:
         config = json.loads(args.config)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "notebook":
         return _notebook(args.papermill_args)
     if args.command == "audit":
-        from .audit import audit
+        from mechrepro.workflow.audit import audit
 
         if not (Path(args.root) / "Snakefile").is_file():
             print(f"note: {Path(args.root).resolve()} has no Snakefile; paths in sidecars are relative to the "

@@ -1,42 +1,46 @@
-# One papermill notebook per figure. Notebooks only read artifacts and draw; the rule then writes
-# a provenance sidecar for each output (the notebook does not know the rule's inputs).
+# One rule draws every figure of every study: papermill runs notebooks/{study}/{fig}.ipynb, which
+# only reads the figure's declared inputs (mechrepro.studies: Figure.inputs) and draws; then the
+# rule writes a provenance sidecar for each output (the notebook does not know the rule's inputs).
 import json
 
-# Notebook parameter of each figure config key (a job passes only the keys it reads).
-NB_PARAM = {"figures.dpi": "dpi", "figures.n_attention_samples": "n_samples"}
+from mechrepro.workflow.figures import FIGURE_LIB
 
 
-rule ioi_figure:
+wildcard_constraints:
+    study="|".join(STUDIES),
+    fig="|".join(sorted({f for s in STUDIES.values() for f in s.figures})),
+
+
+def _notebook_params(w):
+    """Notebook parameters: the dpi and the figure's own config keys (by their parameter names)."""
+    keys = rule_config("figure", config, w)
+    names = {"figures.dpi": "dpi", **STUDIES[w.study].figures[w.fig].params}
+    return json.dumps({names[k]: v for k, v in keys.items()})
+
+
+rule figure:
     input:
-        notebook="notebooks/ioi_generalization/{fig}.ipynb",
-        plotting="src/mechrepro/plotting.py",
-        metrics=f"{RESULTS}/metrics.json",
-        circuit=f"{RESULTS}/circuit.json",
-        scores=f"{RESULTS}/circuit_scores.csv",
-        value_paths=f"{RESULTS}/value_paths.csv",
-        head_patching=f"{RESULTS}/head_patching.csv",
-        head_patching_summary=f"{RESULTS}/head_patching.json",
-        evals=expand(f"{RESULTS}/eval/{{variant}}.json", variant=VARIANTS),
-        attention=expand(f"{RESULTS}/eval/{{variant}}_attention.csv", variant=VARIANTS),
-        prompts=expand(f"{RESULTS}/eval/{{variant}}_prompts.csv", variant=VARIANTS),
+        notebook="notebooks/{study}/{fig}.ipynb",
+        plotting=lambda w: STUDIES[w.study].plotting_file,
+        figure_lib=FIGURE_LIB,
+        artifacts=lambda w: figure_inputs(w.study, w.fig, config),
     output:
         png=report(
-            f"{FIGURES}/{{fig}}.png",
+            "figures/{study}/{fig}.png",
             caption="../report/figure.rst",
-            category="Study A: IOI circuit generalization",
+            category=lambda w: STUDIES[w.study].category,
         ),
-        csv=f"{FIGURES}/{{fig}}.csv",
-        notebook="results/notebooks/{fig}.ipynb",
+        csv="figures/{study}/{fig}.csv",
+        notebook="results/notebooks/{study}/{fig}.ipynb",
     params:
-        cfg=cfg("ioi_figure"),
-        cfg_json=lambda w: json.dumps(rule_config("ioi_figure", config, w)),
-        results=lambda w: RESULTS,
-        figures=lambda w: FIGURES,
-        nb=lambda w: json.dumps({NB_PARAM[k]: v for k, v in rule_config("ioi_figure", config, w).items()}),
+        cfg=cfg("figure"),
+        cfg_json=lambda w: json.dumps(rule_config("figure", config, w)),
+        nb=_notebook_params,
+        caption=lambda w: STUDIES[w.study].caption(config, w.fig),
     log:
-        "logs/ioi_figure/{fig}.log",
+        "logs/{study}/figure/{fig}.log",
     benchmark:
-        "results/benchmarks/ioi_figure/{fig}.tsv"
+        "results/benchmarks/{study}/figure/{fig}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
@@ -47,7 +51,8 @@ rule ioi_figure:
         # absolute paths made by the shell: as params they would differ in a copy of the workflow
         # directory and rerun the figures
         "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
-        '-p results_dir "$PWD/{params.results}" -p figures_dir "$PWD/{params.figures}" -p fig_name {wildcards.fig} '
+        '-p results_dir "$PWD/results/{wildcards.study}" -p figures_dir "$PWD/figures/{wildcards.study}" '
+        '-p fig_name {wildcards.fig} -p reference_file "$PWD/reference/published.yaml" '
         "-y {params.nb:q} > {log} 2>&1 && "
-        "python -m mechrepro record ioi_figure --config {params.cfg_json:q} --inputs {input:q} "
+        "python -m mechrepro record figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"

@@ -1,12 +1,15 @@
+# The configured model, prepared once for every study that runs on it.
+
+
 rule prepare_model:
     output:
         manifest=MANIFEST,
     params:
         cfg=cfg("prepare_model"),
     log:
-        "logs/prepare_model.log",
+        "logs/shared/prepare_model.log",
     benchmark:
-        "results/benchmarks/prepare_model.tsv"
+        "results/benchmarks/shared/prepare_model.tsv"
     threads: 2
     resources:
         mem_mb=4000,

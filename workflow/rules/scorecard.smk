@@ -1,3 +1,6 @@
+# Published numbers of every configured study beside ours.
+
+
 rule scorecard:
     input:
         unpack(lambda w: study_metrics(config)),
@@ -8,9 +11,9 @@ rule scorecard:
     params:
         cfg=cfg("scorecard"),
     log:
-        "logs/scorecard.log",
+        "logs/shared/scorecard.log",
     benchmark:
-        "results/benchmarks/scorecard.tsv"
+        "results/benchmarks/shared/scorecard.tsv"
     threads: 1
     resources:
         mem_mb=1000,

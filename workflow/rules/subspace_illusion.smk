@@ -1,0 +1,280 @@
+# Study B: the subspace-patching illusion. Toy and IOI parts (toy -> pairs -> DAS per site ->
+# evaluation); factual recall and fact editing (facts the model knows -> key statistics -> one job per
+# layer for the 1-D patch sweep and for ROME -> summaries); all parts merge into metrics.json.
+# The IOI part reads Study A's circuit for the site layer (config subspace.layer: auto) and the name
+# movers. Stage functions: mechrepro.studies.subspace_illusion.stages.
+B = STUDIES["subspace_illusion"].results
+CIRCUIT = f"{STUDIES['ioi_generalization'].results}/circuit.json"
+FACT_LAYERS = config["facts"]["layers"]
+# metrics.json merges these part files: every top-level key of each is copied in.
+SUBSPACE_PARTS = [f"{B}/toy.json", f"{B}/ioi.json", f"{B}/facts.json", f"{B}/rome.json"]
+
+
+wildcard_constraints:
+    site="mlp|resid",
+
+
+rule subspace_toy:
+    output:
+        f"{B}/toy.json",
+    params:
+        cfg=cfg("subspace_toy"),
+    log:
+        "logs/subspace_illusion/subspace_toy.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/subspace_toy.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule subspace_ioi_dataset:
+    input:
+        manifest=MANIFEST,
+        templates=config["subspace_ioi"]["data_file"],
+        names=config["ioi"]["data_file"],
+    output:
+        f"{B}/ioi_data.json",
+    params:
+        cfg=cfg("subspace_ioi_dataset"),
+    log:
+        "logs/subspace_illusion/subspace_ioi_dataset.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/subspace_ioi_dataset.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+# One job per site; DAS runs on one thread (its gradient sums then do not depend on the core
+# count), so the two sites train side by side.
+rule subspace_ioi_das:
+    input:
+        manifest=MANIFEST,
+        data=f"{B}/ioi_data.json",
+        circuit=CIRCUIT,
+    output:
+        direction=f"{B}/das/{{site}}.safetensors",
+        json=f"{B}/das/{{site}}.json",
+    params:
+        cfg=cfg("subspace_ioi_das"),
+    log:
+        "logs/subspace_illusion/subspace_ioi_das/{site}.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/subspace_ioi_das/{site}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule subspace_ioi_eval:
+    input:
+        manifest=MANIFEST,
+        data=f"{B}/ioi_data.json",
+        circuit=CIRCUIT,
+        das=expand(f"{B}/das/{{site}}.safetensors", site=["mlp", "resid"]),
+    output:
+        ioi=f"{B}/ioi.json",
+        directions=f"{B}/directions.safetensors",
+        pairs=f"{B}/ioi_pairs.csv",
+        projections=f"{B}/ioi_projections.csv",
+        dormant=f"{B}/ioi_dormant.csv",
+    params:
+        cfg=cfg("subspace_ioi_eval"),
+    log:
+        "logs/subspace_illusion/subspace_ioi_eval.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/subspace_ioi_eval.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule subspace_metrics:
+    input:
+        manifest=MANIFEST,
+        parts=SUBSPACE_PARTS,
+    output:
+        f"{B}/metrics.json",
+    params:
+        cfg=cfg("subspace_metrics"),
+    log:
+        "logs/subspace_illusion/subspace_metrics.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/subspace_metrics.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+
+
+wildcard_constraints:
+    layer=r"\d+",
+
+
+rule facts_dataset:
+    input:
+        manifest=MANIFEST,
+        facts_data=config["facts"]["data_file"],
+    output:
+        f"{B}/facts/data.json",
+    params:
+        cfg=cfg("facts_dataset"),
+    log:
+        "logs/subspace_illusion/facts_dataset.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/facts_dataset.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=15,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule facts_key_stats:
+    input:
+        manifest=MANIFEST,
+    output:
+        expand(f"{B}/rome/key_stats/layer{{layer}}.safetensors", layer=FACT_LAYERS),
+    params:
+        cfg=cfg("facts_key_stats"),
+    log:
+        "logs/subspace_illusion/facts_key_stats.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/facts_key_stats.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule facts_layer:
+    input:
+        manifest=MANIFEST,
+        data=f"{B}/facts/data.json",
+        sigma=f"{B}/rome/key_stats/layer{{layer}}.safetensors",
+    output:
+        json=f"{B}/facts/layer{{layer}}.json",
+        csv=f"{B}/facts/layer{{layer}}.csv",
+        directions=f"{B}/facts/layer{{layer}}_directions.safetensors",
+    params:
+        cfg=cfg("facts_layer"),
+    log:
+        "logs/subspace_illusion/facts_layer/{layer}.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/facts_layer/{layer}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule rome_layer:
+    input:
+        manifest=MANIFEST,
+        data=f"{B}/facts/data.json",
+        sigma=f"{B}/rome/key_stats/layer{{layer}}.safetensors",
+    output:
+        json=f"{B}/rome/layer{{layer}}.json",
+        csv=f"{B}/rome/layer{{layer}}.csv",
+    params:
+        cfg=cfg("rome_layer"),
+    log:
+        "logs/subspace_illusion/rome_layer/{layer}.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/rome_layer/{layer}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule facts_summary:
+    input:
+        manifest=MANIFEST,
+        layers=expand(f"{B}/facts/layer{{layer}}.json", layer=FACT_LAYERS),
+    output:
+        f"{B}/facts.json",
+    params:
+        cfg=cfg("facts_summary"),
+    log:
+        "logs/subspace_illusion/facts_summary.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/facts_summary.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule rome_summary:
+    input:
+        manifest=MANIFEST,
+        layers=expand(f"{B}/rome/layer{{layer}}.json", layer=FACT_LAYERS),
+    output:
+        f"{B}/rome.json",
+    params:
+        cfg=cfg("rome_summary"),
+    log:
+        "logs/subspace_illusion/rome_summary.log",
+    benchmark:
+        "results/benchmarks/subspace_illusion/rome_summary.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
