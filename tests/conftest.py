@@ -111,3 +111,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory) -> Path:
+    """The repository after ``snakemake all --cores 2`` on config/smoke.yaml, run once per session and
+    shared by every test that only reads it (see ``smoke_utils.shared_run``). Never modify it: use
+    :func:`smoke_copy` for a run a test may damage."""
+    from smoke_utils import shared_run
+
+    return shared_run(tmp_path_factory, "cores2", "2")
+
+
+@pytest.fixture(scope="session")
+def smoke_serial(tmp_path_factory) -> Path:
+    """The same smoke run with ``--cores 1`` (one job at a time), once per session: the reference of
+    the determinism and recovery tests."""
+    from smoke_utils import shared_run
+
+    return shared_run(tmp_path_factory, "serial", "1")
+
+
+@pytest.fixture
+def smoke_copy(smoke, tmp_path) -> Path:
+    """A private copy of the finished smoke run that a test may damage."""
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(smoke, work, symlinks=True)
+    return work

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from smoke_utils import output_files, run, sha256, shared_run
+from smoke_utils import output_files, run, sha256
 
 from mechrepro.workflow import artifacts as A
 from mechrepro.workflow.audit import audit
@@ -23,11 +23,6 @@ A = study("ioi_generalization")
 RESULTS, FIGURES = A.results, A.figures_dir
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    return shared_run(tmp_path_factory, "cores2", "2")
 
 
 @pytest.fixture

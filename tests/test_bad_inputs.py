@@ -26,21 +26,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from smoke_utils import BIN, output_files, run, sha256, shared_run
+from smoke_utils import BIN, output_files, run, sha256
 
 from mechrepro.studies import study
 
 RESULTS, FIGURES = study("ioi_generalization").results, study("ioi_generalization").figures_dir
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.workflow
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(smoke, tmp_path_factory):
     """A private copy of a finished smoke run (the shared run stays pristine)."""
-    src = shared_run(tmp_path_factory, "cores2", "2")
     work = tmp_path_factory.mktemp("bad_inputs") / "run"
-    shutil.copytree(src, work, symlinks=True)
+    shutil.copytree(smoke, work, symlinks=True)
     return work
 
 

@@ -20,6 +20,9 @@ from mechrepro.workflow.pipeline import record_in_dvc
 BIN = Path(sys.executable).parent
 
 
+pytestmark = pytest.mark.workflow  # runs 'dvc init' and 'dvc commit'
+
+
 @pytest.fixture
 def dvc_repo(tmp_path, monkeypatch):
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}

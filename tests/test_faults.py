@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from smoke_utils import (
-    BIN, compare_runs, kill_group, output_files, popen_snakemake, run, sha256, shared_run, smoke_copy,
+    BIN, compare_runs, kill_group, output_files, popen_snakemake, run, sha256, smoke_copy,
 )
 
 from mechrepro.workflow import artifacts as A
@@ -218,8 +218,8 @@ def _snakemake_until(work: Path, condition, log: Path, timeout: float = 600) -> 
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    return shared_run(tmp_path_factory, "serial", "1")
+def serial(smoke_serial):
+    return smoke_serial
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +247,7 @@ def killed_and_recovered(tmp_path_factory):
     return work, report
 
 
+@pytest.mark.workflow
 def test_killed_runs_recover_to_the_clean_result(killed_and_recovered, serial):
     work, report = killed_and_recovered
     assert len(report) == len(KILL_POINTS)
@@ -272,6 +273,7 @@ def _flip_digit(path: Path) -> int:
     return at
 
 
+@pytest.mark.workflow
 def test_tampered_artifact_reported_and_restored(killed_and_recovered):
     work, _ = killed_and_recovered
     rel = f"{RESULTS}/data/triple_io.json"  # an intermediate artifact (input of inference, evaluation)

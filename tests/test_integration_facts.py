@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from smoke_utils import shared_run
+
 
 from mechrepro.studies import study
 from mechrepro.studies.subspace_illusion import FACTS_FIGURES as FACTS_FIGURE_NAMES
@@ -17,11 +17,6 @@ FACTS_RESULTS, FACTS_FIGURES = study("subspace_illusion").results, study("subspa
 from mechrepro.studies.subspace_illusion.stages import FACTS_KEYS, ROME_KEYS
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    return shared_run(tmp_path_factory, "cores2", "2")
 
 
 def test_facts_and_rome_parts(smoke):

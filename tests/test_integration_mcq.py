@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from smoke_utils import shared_run
+
 
 from mechrepro.studies import study
 
@@ -16,11 +16,6 @@ C = study("mcq_circuits")
 MCQ_RESULTS, MCQ_FIGURES, MCQ_FIGURES_LIST = C.results, C.figures_dir, list(C.figures)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    return shared_run(tmp_path_factory, "cores2", "2")
 
 
 def test_metrics_contract(smoke):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from smoke_utils import BIN, shared_run
+from smoke_utils import BIN
 from smoke_utils import run as _run
 
 from mechrepro.studies import study
@@ -27,11 +27,6 @@ SUBSPACE_FIGURE_INPUTS = [f for f in B.figures if f not in FACTS_FIGURES]  # the
 from mechrepro.studies.subspace_illusion.ioi import TABLE1_ROWS
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    return shared_run(tmp_path_factory, "cores2", "2")
 
 
 def test_metrics_contract(smoke):

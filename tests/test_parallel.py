@@ -48,13 +48,13 @@ def inexact_columns(a, b, rel: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    return shared_run(tmp_path_factory, "serial", "1")
+def serial(smoke_serial):
+    return smoke_serial
 
 
 @pytest.fixture(scope="module")
-def cores2(tmp_path_factory):
-    return shared_run(tmp_path_factory, "cores2", "2")
+def cores2(smoke):
+    return smoke
 
 
 @pytest.fixture(scope="module")
@@ -118,5 +118,5 @@ def test_parallel_run_lost_or_clobbered_nothing(name, request, serial):
     assert "audit OK" in done.stdout
     logs = sorted(p.relative_to(work).as_posix() for p in (work / "logs").rglob("*.log"))
     assert len(logs) == len([b for b in (work / "results" / "benchmarks").rglob("*.tsv")]) >= 22
-    for log in (work / "logs" / "ioi_inference").glob("*.log"):
+    for log in (work / "logs" / "ioi_generalization" / "ioi_inference").glob("*.log"):
         assert log.stem in log.read_text()  # the variant's own log, not another job's

@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+pytestmark = pytest.mark.workflow  # a Snakemake dry run of the whole DAG
 
 
 def test_slurm_profile_dry_run_resolves_dag_with_resources():

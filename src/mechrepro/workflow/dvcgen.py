@@ -2,9 +2,8 @@
 
 Every Snakemake job of ``snakemake all`` becomes one DVC stage with the same inputs (``deps``),
 outputs (``outs``; the metrics file as a DVC metric) and config keys (``params``, from
-:func:`mechrepro.workflow.pipeline.config_keys`). Stages also depend on the library code (:data:`CODE_DEPS`).
-A stage's command asks Snakemake to rebuild exactly that
-job: ``snakemake --cores 2 --force --allowed-rules <rule> <outputs>``.
+:func:`mechrepro.workflow.pipeline.config_keys`). Stages also depend on the library code
+(:data:`CODE_DEPS`). A stage's command asks Snakemake to rebuild exactly that job: ``snakemake --cores 2 --force --allowed-rules <rule> <outputs>``.
 
 Usage: ``python -m mechrepro.workflow.dvcgen [--check]`` (``--check`` exits 1 if dvc.yaml is stale).
 A test runs the check, so a rule change without regenerating ``dvc.yaml`` fails CI.
@@ -73,10 +72,15 @@ def stage_name(job: dict) -> str:
 
 
 def build(jobs: list[dict]) -> dict:
+    """``dvc.yaml``'s content for ``jobs``: one stage per job; each study's metrics file (from the
+    registry) is a DVC metric, not cached."""
+    from mechrepro.studies import studies
+
+    metric_files = {s.metrics for s in studies().values()}
     stages = {}
     for job in jobs:
-        outs = [o for o in job["output"] if not o.endswith("metrics.json")]
-        metrics = [o for o in job["output"] if o.endswith("metrics.json")]
+        outs = [o for o in job["output"] if o not in metric_files]
+        metrics = [o for o in job["output"] if o in metric_files]
         keys = config_keys(job["rule"], job["wildcards"])
         stage = {
             "cmd": f"snakemake --cores 2 --force --allowed-rules {job['rule']} {' '.join(job['output'])}",
