@@ -40,6 +40,7 @@ from torch import Tensor
 
 from mechrepro.studies.subspace_illusion import rome as R
 from mechrepro.core import subspace as S
+from mechrepro.core.tokens import pad
 from mechrepro.workflow.config import read_yaml
 from mechrepro.core.model import Transformer
 
@@ -123,19 +124,13 @@ def build_facts(relations: dict[str, dict], encode: Encode, bos_id: int) -> list
     return facts
 
 
-def pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0) -> Tensor:
-    """Right-padded ``[n, p]`` token tensor (attention is causal: padding after a row's end is never read)."""
-    width = max(len(t) for t in token_lists)
-    return torch.tensor([list(t) + [pad_id] * (width - len(t)) for t in token_lists], dtype=torch.long)
-
-
 @torch.no_grad()
 def answer_facts(model: Transformer, facts: list[dict], batch: int = 64) -> list[dict]:
     """Add the model's answer to each fact: ``top1`` id, ``p_object``, ``correct`` (top-1 = object)."""
     out = []
     for i in range(0, len(facts), batch):
         chunk = facts[i:i + batch]
-        tokens = pad([f["tokens"] for f in chunk])
+        tokens = pad([f["tokens"] for f in chunk], 0)
         end = torch.tensor([f["end_pos"] for f in chunk], dtype=torch.long)
         logits = model(tokens, logits_at=end)
         probs = logits.float().softmax(-1)
@@ -223,8 +218,8 @@ def pair_batch(facts: list[dict], pairs: list[dict]) -> PairBatch:
     def t(xs):
         return torch.tensor(xs, dtype=torch.long)
 
-    return PairBatch(pad([f["tokens"] for f in base]), t([f["subject_pos"] for f in base]),
-                     t([f["end_pos"] for f in base]), pad([f["tokens"] for f in src]),
+    return PairBatch(pad([f["tokens"] for f in base], 0), t([f["subject_pos"] for f in base]),
+                     t([f["end_pos"] for f in base]), pad([f["tokens"] for f in src], 0),
                      t([f["subject_pos"] for f in src]), t([f["object_id"] for f in base]),
                      t([f["object_id"] for f in src]))
 
@@ -315,7 +310,7 @@ def corpus_batches(texts: list[str], encode: Encode, bos_id: int, n_tokens: int,
     rows = [[bos_id, *ids[i:i + step]] for i in range(0, len(ids), step)]
     for i in range(0, len(rows), batch):
         group = rows[i:i + batch]
-        tokens = pad(group)
+        tokens = pad(group, 0)
         mask = torch.zeros(tokens.shape, dtype=torch.bool)
         for j, r in enumerate(group):
             mask[j, 1:len(r)] = True

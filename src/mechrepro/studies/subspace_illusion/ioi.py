@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from mechrepro.core import subspace as S
+from mechrepro.core.tokens import pad
 from mechrepro.workflow.config import read_yaml
 from mechrepro.studies.ioi_generalization.data import DatasetError, render, single_token_words, tokenize
 from mechrepro.core.model import Transformer
@@ -211,12 +212,8 @@ def to_batch(pairs: list[dict], pad_id: int) -> PairBatch:
     """Stack the pairs of one split (every row padded to the split's longest prompt)."""
     if not pairs:
         raise DatasetError("no pairs in this split (subspace_ioi.n_train / n_test must be at least 2)")
-    width = max(len(p["tokens"]) for p in pairs)
-    tok = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    src = tok.clone()
-    for i, p in enumerate(pairs):
-        tok[i, :len(p["tokens"])] = torch.tensor(p["tokens"])
-        src[i, :len(p["src_tokens"])] = torch.tensor(p["src_tokens"])
+    tok = pad([p["tokens"] for p in pairs], pad_id)
+    src = pad([p["src_tokens"] for p in pairs], pad_id, width=tok.shape[1])
 
     def col(key, sub=None):
         return torch.tensor([p[key][sub] if sub else p[key] for p in pairs])
