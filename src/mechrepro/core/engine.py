@@ -124,7 +124,8 @@ def resume(model: Transformer, prefix: PrefixCache, start_layer: int, positions:
             default: the cached ``resid_pre[start_layer]`` at ``positions``.
         rows: ``[n]`` the cached prompt each row continues (default: row ``i`` continues prompt
             ``i``); a prompt may appear several times, e.g. once per patched component.
-        hooks: as in :meth:`Transformer.forward`; activations are ``[n, s, …]``.
+        hooks: as in :meth:`Transformer.forward`; activations are ``[n, s, …]``, attention
+            scores and patterns ``[n, h, s, P + s]`` (the ``P`` cached positions first).
         read: ``[n]`` which of the ``s`` positions to unembed (default: the last, ``s − 1``).
         vocab: restrict the logits to these token ids.
         trim: drop the cached positions no row attends to (fewer keys, the same result up to
