@@ -112,3 +112,46 @@ def test_read_json_truncated_and_missing(tmp_path):
         A.read_json(path)
     with pytest.raises(ArtifactError, match="nope.json does not exist"):
         A.read_json(tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------ safetensors
+def test_safetensors_roundtrip_metadata_and_sidecar(tmp_path):
+    import torch
+
+    t = {"v": torch.arange(6.0).reshape(2, 3), "w": torch.ones(4, dtype=torch.float64)}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    A.save_safetensors(a, t, {"rule": "r"}, {"layer": 3, "site": "mlp"})
+    A.save_safetensors(b, dict(reversed(list(t.items()))), {"rule": "r"}, {"site": "mlp", "layer": "3"})
+    assert a.read_bytes() == b.read_bytes()  # one sorted metadata entry: equal content, equal bytes
+    tensors, meta = A.load_safetensors(a, keys=["v"], shapes={"w": (4,)})
+    assert meta == {"layer": "3", "site": "mlp"}
+    assert torch.equal(tensors["v"], t["v"]) and torch.equal(tensors["w"], t["w"])
+    assert json.loads((tmp_path / "a.safetensors.prov.json").read_text())["sha256"] == _sha(a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.prov.json",
+                                                          "b.safetensors", "b.safetensors.prov.json"]
+
+
+def test_plain_safetensors_has_no_metadata(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    path = A.write_safetensors(tmp_path / "model.safetensors", {"x": torch.zeros(2)})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() is None
+    assert not (tmp_path / "model.safetensors.prov.json").exists()
+
+
+def test_safetensors_errors_name_the_file_the_problem_and_the_rule(tmp_path):
+    import torch
+
+    path = tmp_path / "sigma.safetensors"
+    with pytest.raises(ArtifactError, match="sigma.safetensors does not exist.*--forcerun facts_key_stats"):
+        A.load_safetensors(path, rule="facts_key_stats")
+    A.save_safetensors(path, {"sigma": torch.eye(3)}, {})
+    with pytest.raises(ArtifactError, match=r"lacks the tensors \['mean'\] \(it has \['sigma'\]\).*--forcerun r1"):
+        A.load_safetensors(path, keys=["mean"], rule="r1")
+    with pytest.raises(ArtifactError, match=r"'sigma' has shape \(3, 3\), expected \(4, 4\).*--forcerun r1"):
+        A.load_safetensors(path, shapes={"sigma": (4, 4)}, rule="r1")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ArtifactError, match="sigma.safetensors is corrupt.*delete it and rerun"):
+        A.load_safetensors(path)

@@ -69,16 +69,111 @@ def test_subset_of_heads_leaves_others_nan(setup):
     assert eff.isnan().sum() == eff.numel() - 2 and not eff[1, 2].isnan() and not eff[0, 0].isnan()
 
 
-def test_suffix_forward_equals_full_forward(setup):
+# ------------------------------------------------------------------ cached prefix and resumed runs
+@pytest.fixture
+def prompts(models, arch):
+    """A tiny model of each architecture and right-padded prompts with different END positions."""
+    model = models[arch]
+    g = torch.Generator().manual_seed(5)
+    tok = torch.randint(0, model.spec.vocab_size, (5, 9), generator=g)
+    end = torch.tensor([8, 6, 8, 5, 7])
+    return model, tok, end
+
+
+def test_resume_end_equals_full_forward(prompts):
     """Recomputing only the END token over the cached prefix gives the full run's END logits."""
-    model, tok, _, end, _ = setup
+    model, tok, end = prompts
     base = E.base_run(model, tok, end)
-    rows = torch.arange(tok.shape[0])
+    for layer in (0, model.spec.n_layers - 1):
+        with torch.no_grad():
+            logits = E.resume(model, base, layer, end[:, None])
+        torch.testing.assert_close(logits, base.end_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_resume_suffix_with_hook_matches_full_hooked_run(prompts, trim):
+    """A suffix resumed at layer l with a patch at its first position, rows repeated, logits for a few
+    token ids: the full forward pass with the same patch gives the same logits."""
+    model, tok, end = prompts
+    layer, s = 1, 3
+    start = end - (s - 1)  # the suffix start .. END of every prompt
+    prefix, logits = E.cache_prefix(model, tok, range(layer, model.spec.n_layers), [layer])
+    assert logits is None and set(prefix.keys) == set(range(layer, model.spec.n_layers))
+    rows = torch.tensor([0, 2, 2, 4, 1])
+    delta = torch.randn(len(rows), model.spec.d_mlp, generator=torch.Generator().manual_seed(0))
+    vocab = torch.tensor([3, 7, 50])
+    name = f"blocks.{layer}.mlp.hook_post"
+
+    def at_first(x):
+        return x.index_put((torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long)), x[:, 0] + delta)
+
+    positions = start[rows, None] + torch.arange(s)
     with torch.no_grad():
-        logits = model(None, start_layer=0, start_resid=base.resid_pre[0][rows, end][:, None],
-                       positions=end[:, None], past={l: (base.keys[l], base.values[l]) for l in range(model.spec.n_layers)},
-                       past_len=end, logits_at=torch.zeros_like(end))
-    torch.testing.assert_close(logits, base.end_logits, atol=1e-5, rtol=1e-5)
+        fast = E.resume(model, prefix, layer, positions, rows=rows, hooks={name: at_first}, vocab=vocab, trim=trim)
+
+        def at_start(x):
+            return x.index_put((torch.arange(len(x)), start[rows]), x[torch.arange(len(x)), start[rows]] + delta)
+
+        full = model(tok[rows], hooks={name: at_start}, logits_at=end[rows])[:, vocab]
+        clean = model(tok[rows], logits_at=end[rows])[:, vocab]
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert (full - clean).abs().max() > 1e-3  # the patch matters
+
+
+def test_resume_from_a_given_residual_and_stop_layer(prompts):
+    """Resuming END from a patched residual (the site's resid_post), chunked prefix caches, and a run
+    stopped early with its activations cached: all as in the full hooked run."""
+    model, tok, end = prompts
+    L, site = model.spec.n_layers, 0
+    rows = torch.arange(len(tok))
+    chunks = [E.cache_prefix(model, tok[i:i + 2], range(site + 1, L), logits_at=end[i:i + 2])
+              for i in range(0, len(tok), 2)]
+    prefix = E.PrefixCache.cat([c[0] for c in chunks])
+    one, logits = E.cache_prefix(model, tok, range(site + 1, L), logits_at=end)
+    torch.testing.assert_close(torch.cat([c[1] for c in chunks]), logits)
+    for l in one.keys:
+        torch.testing.assert_close(prefix.keys[l], one.keys[l])
+    cache: dict = {}
+    with torch.no_grad():
+        model(tok, cache=cache, cache_names=[f"blocks.{site}.hook_resid_post"])
+    patched = cache[f"blocks.{site}.hook_resid_post"][rows, end] * 1.5
+    name = f"blocks.{site}.hook_resid_post"
+
+    def hook(x):
+        return x.index_put((rows, end), patched)
+
+    scores = f"blocks.{L - 1}.attn.hook_attn_scores"
+    with torch.no_grad():
+        fast = E.resume(model, prefix, site + 1, end[:, None], resid=patched[:, None])
+        full_cache: dict = {}
+        full = model(tok, hooks={name: hook}, logits_at=end, cache=full_cache, cache_names=[scores])
+        store: dict = {}
+        assert E.resume(model, prefix, site + 1, end[:, None], resid=patched[:, None], stop_layer=L,
+                        cache=store, cache_names=[scores]) is None
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    for i in range(len(tok)):  # END's scores: the cached positions before it, then its own key (last)
+        got = torch.cat([store[scores][i, :, 0, :end[i]], store[scores][i, :, 0, -1:]], -1)
+        torch.testing.assert_close(got, full_cache[scores][i, :, end[i], :end[i] + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_patch_mlps_end_matches_naive(setup):
+    model, tok, src, end, metric = setup
+    base, source = E.base_run(model, tok, end), E.base_run(model, src, end)
+    rows = torch.arange(tok.shape[0])
+    cache: dict = {}
+    names = [f"blocks.{l}.hook_mlp_out" for l in range(model.spec.n_layers)]
+    with torch.no_grad():
+        model(src, cache=cache, cache_names=names)
+        mlp_end = torch.stack([cache[n][rows, end] for n in names], 1)
+        ref = torch.zeros(model.spec.n_layers)
+        clean = metric(model(tok, logits_at=end), rows).mean()
+        for l, n in enumerate(names):
+            def fn(x, l=l):
+                return x.index_put((rows, end), mlp_end[:, l])
+            ref[l] = metric(model(tok, hooks={n: fn}, logits_at=end), rows).mean() - clean
+    torch.testing.assert_close(E.patch_mlps_end(model, base, mlp_end, metric), ref, atol=1e-5, rtol=1e-4)
+    part = E.patch_mlps_end(model, base, mlp_end, metric, layers=[1])
+    assert part.isnan().sum() == model.spec.n_layers - 1 and not part[1].isnan()
 
 
 def test_attribution_is_first_order_and_agreement_metrics(setup):

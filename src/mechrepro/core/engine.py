@@ -4,15 +4,22 @@ Activation patching replaces one component's activation in a *base* run by its v
 *source* run and measures a metric. Done naively that is one full forward pass per component.
 This engine gets the same numbers with far less compute:
 
-* **Cached base run.** One forward pass of the base prompts caches each layer's residual
-  stream and keys/values (:class:`BaseRun`).
-* **Start at the patched layer.** A patch at layer ``l`` cannot change layers below ``l``: the run
-  starts from the cached ``resid_pre`` of layer ``l``.
-* **Recompute only the positions a patch can affect.** Attention is causal, so a patch at
-  position ``t`` changes nothing before ``t``. A patch at END recomputes the END token alone,
-  attending to the cached keys/values of the earlier positions.
+* **Cached prefix, resumed** (:class:`PrefixCache`, :func:`cache_prefix`, :func:`resume`). One
+  forward pass of the base prompts caches, per layer, the keys (after rotary on llama-style
+  models) and values of every position, and the residual stream ``resid_pre`` at the layers a
+  later run may start from. A patch at layer ``l`` and position ``t`` cannot change layers below
+  ``l`` (the residual stream flows upwards) nor positions before ``t`` (attention is causal). So
+  a patched run *resumes*: it starts at layer ``l`` with the positions ``t …`` alone (e.g. END,
+  or a suffix from a patched subject token to the end), from the cached residual there (or a
+  given, patched one); at every layer these positions attend to the cached keys/values of the
+  earlier positions of their prompt and causally to each other; a hook edits the patched site;
+  and the unembedding is applied only at the position read, optionally for a few vocabulary
+  ids. The result equals a full forward pass with the same hook, up to float rounding.
+* **Start at the patched layer, END only.** :func:`patch_heads_end` and :func:`patch_mlps_end`
+  resume the END token from the patched layer.
 * **Batch the components.** The heads of one layer are patched together, each in its own copy
-  of the prompts (up to ``max_rows`` rows per pass).
+  of the prompts (up to ``max_rows`` rows per pass; a resumed row names the cached prompt it
+  continues, so copies share one cache).
 * **Logits only where read.** The unembedding is applied at the metric's position only.
 
 :func:`attribution_heads` gives the first-order estimate of every head's effect from one forward
@@ -20,31 +27,134 @@ and one backward pass; exact patching then confirms the top candidates.
 
 Metrics are functions of the END logits ``[rows, vocab]`` returning one value per row; effects are
 ``mean(metric_patched) - mean(metric_base)`` over prompts.
+
+Shapes: ``b`` cached prompts, ``p`` their positions, ``n`` resumed rows, ``s`` resumed positions
+per row, ``g`` key/value heads, ``e`` d_head, ``d`` d_model, ``v`` vocabulary (or ``len(vocab)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mechrepro.core.model import Transformer
+from mechrepro.core.model import Hook, Transformer
 
 Metric = Callable[[Tensor, Tensor], Tensor]  # (logits [rows, v], prompt index [rows]) -> [rows]
 
 
+# ------------------------------------------------------------------ cached prefix and resumed runs
 @dataclass
-class BaseRun:
-    """Cached activations of the base prompts: per layer ``resid_pre [b, p, d]``, keys (after
-    rotary) and values ``[b, p, g, e]``, and the head outputs ``z [b, p, h, e]``."""
+class PrefixCache:
+    """What a resumed run reads from a base run of ``b`` prompts of ``p`` positions.
+
+    ``keys[l]``, ``values[l]``: ``[b, p, g, e]`` for each layer a resumed run passes through
+    (keys after rotary on llama-style models); ``resid_pre[l]``: ``[b, p, d]`` for each layer a
+    resumed run may start at from the cached residual (may be empty).
+    """
+
+    keys: dict[int, Tensor]
+    values: dict[int, Tensor]
+    resid_pre: dict[int, Tensor]
+
+    def past(self, start_layer: int, rows: Tensor | None = None,
+             width: int | None = None) -> dict[int, tuple[Tensor, Tensor]]:
+        """``layer -> (keys, values)`` ``[n, width, g, e]`` of the layers from ``start_layer`` on:
+        the cached prompts ``rows`` (default all, in order), their first ``width`` positions."""
+        def take(x: Tensor) -> Tensor:
+            x = x if width is None else x[:, :width]
+            return x if rows is None else x[rows]
+
+        return {l: (take(k), take(self.values[l])) for l, k in self.keys.items() if l >= start_layer}
+
+    @staticmethod
+    def cat(parts: Sequence[PrefixCache]) -> PrefixCache:
+        """The caches of consecutive chunks of prompts, as one (same positions in every chunk)."""
+        def join(field: str) -> dict[int, Tensor]:
+            return {l: torch.cat([getattr(c, field)[l] for c in parts]) for l in getattr(parts[0], field)}
+
+        return PrefixCache(join("keys"), join("values"), join("resid_pre"))
+
+
+def key_name(model: Transformer) -> str:
+    """The hook holding the keys attention reads: after rotary on llama-style models."""
+    return "hook_rot_k" if model.spec.arch == "llama" else "hook_k"
+
+
+@torch.no_grad()
+def cache_prefix(model: Transformer, tokens: Tensor, kv_layers: Iterable[int], resid_layers: Iterable[int] = (), *,
+                 logits_at: Tensor | None = None, cache: dict[str, Tensor] | None = None,
+                 cache_names: Iterable[str] = ()) -> tuple[PrefixCache, Tensor | None]:
+    """One forward pass of ``tokens [b, p]``: its :class:`PrefixCache` and logits.
+
+    Args:
+        kv_layers: layers whose keys/values are kept (every layer a resumed run passes through).
+        resid_layers: layers whose ``resid_pre`` is kept (where resumed runs start from it).
+        logits_at: ``[b]`` positions whose logits ``[b, v]`` are returned; ``None``: no logits
+            (the pass stops before the unembedding).
+        cache, cache_names: more activations of the same pass for the caller, by name.
+    """
+    kv_layers, resid_layers = list(kv_layers), list(resid_layers)
+    kname = key_name(model)
+    names = [f"blocks.{l}.attn.{n}" for l in kv_layers for n in (kname, "hook_v")]
+    names += [f"blocks.{l}.hook_resid_pre" for l in resid_layers]
+    store = {} if cache is None else cache
+    logits = model(tokens, cache=store, cache_names=[*names, *cache_names], logits_at=logits_at,
+                   stop_layer=None if logits_at is not None else model.spec.n_layers)
+    prefix = PrefixCache({l: store[f"blocks.{l}.attn.{kname}"] for l in kv_layers},
+                         {l: store[f"blocks.{l}.attn.hook_v"] for l in kv_layers},
+                         {l: store[f"blocks.{l}.hook_resid_pre"] for l in resid_layers})
+    return prefix, logits
+
+
+def resume(model: Transformer, prefix: PrefixCache, start_layer: int, positions: Tensor, *,
+           resid: Tensor | None = None, rows: Tensor | None = None, hooks: Mapping[str, Hook] | None = None,
+           read: Tensor | None = None, vocab: Tensor | None = None, trim: bool = False,
+           stop_layer: int | None = None, cache: dict[str, Tensor] | None = None,
+           cache_names: Iterable[str] | None = None) -> Tensor | None:
+    """Run some positions of cached prompts from ``start_layer`` on, over the cached prefix.
+
+    Args:
+        positions: ``[n, s]`` consecutive absolute positions ``t_i … t_i + s − 1`` per row. Row
+            ``i`` attends to the cached positions ``0 … t_i − 1`` of its prompt and causally to
+            its own positions.
+        resid: ``[n, s, d]`` the residual entering ``start_layer`` there (e.g. a patched one);
+            default: the cached ``resid_pre[start_layer]`` at ``positions``.
+        rows: ``[n]`` the cached prompt each row continues (default: row ``i`` continues prompt
+            ``i``); a prompt may appear several times, e.g. once per patched component.
+        hooks: as in :meth:`Transformer.forward`; activations are ``[n, s, …]``, attention
+            scores and patterns ``[n, h, s, P + s]`` (the ``P`` cached positions first).
+        read: ``[n]`` which of the ``s`` positions to unembed (default: the last, ``s − 1``).
+        vocab: restrict the logits to these token ids.
+        trim: drop the cached positions no row attends to (fewer keys, the same result up to
+            float rounding).
+        stop_layer, cache, cache_names: stop before that layer and return ``None``, collecting
+            activations (as in :meth:`Transformer.forward`).
+    Returns: logits ``[n, v]`` at the read positions (``None`` with ``stop_layer``).
+    """
+    n, s = positions.shape
+    if resid is None:
+        sel = torch.arange(n, device=positions.device) if rows is None else rows
+        resid = prefix.resid_pre[start_layer][sel[:, None], positions]
+    past_len = positions[:, 0]
+    width = max(1, int(past_len.max())) if trim else None
+    if read is None:
+        read = torch.full((n,), s - 1, dtype=torch.long, device=positions.device)
+    return model(None, start_layer=start_layer, start_resid=resid, positions=positions,
+                 past=prefix.past(start_layer, rows, width), past_len=past_len, hooks=hooks, logits_at=read,
+                 logit_tokens=vocab, stop_layer=stop_layer, cache=cache, cache_names=cache_names)
+
+
+# ------------------------------------------------------------------ patching sweeps
+@dataclass
+class BaseRun(PrefixCache):
+    """A :class:`PrefixCache` of every layer of the base prompts ``tokens [b, p]``, with their
+    ``end [b]``, the head outputs ``z[l] [b, p, h, e]`` and the END logits ``[b, v]``."""
 
     tokens: Tensor
     end: Tensor
-    resid_pre: list[Tensor]
-    keys: list[Tensor]
-    values: list[Tensor]
     z: list[Tensor]
     end_logits: Tensor
 
@@ -53,15 +163,11 @@ class BaseRun:
 def base_run(model: Transformer, tokens: Tensor, end: Tensor) -> BaseRun:
     """Run the base prompts once and cache what the engine needs."""
     L = model.spec.n_layers
-    key = "hook_rot_k" if model.spec.arch == "llama" else "hook_k"
-    names = [f"blocks.{l}.{n}" for l in range(L) for n in
-             ("hook_resid_pre", f"attn.{key}", "attn.hook_v", "attn.hook_z")]
-    cache: dict[str, Tensor] = {}
-    logits = model(tokens, cache=cache, cache_names=names, logits_at=end)
-    return BaseRun(tokens, end, [cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)],
-                   [cache[f"blocks.{l}.attn.{key}"] for l in range(L)],
-                   [cache[f"blocks.{l}.attn.hook_v"] for l in range(L)],
-                   [cache[f"blocks.{l}.attn.hook_z"] for l in range(L)], logits)
+    extra: dict[str, Tensor] = {}
+    prefix, logits = cache_prefix(model, tokens, range(L), range(L), logits_at=end, cache=extra,
+                                  cache_names=[f"blocks.{l}.attn.hook_z" for l in range(L)])
+    return BaseRun(prefix.keys, prefix.values, prefix.resid_pre, tokens, end,
+                   [extra[f"blocks.{l}.attn.hook_z"] for l in range(L)], logits)
 
 
 def _z_hook(heads: Sequence[int], source: Tensor, b: int, at_end_only: bool):
@@ -109,21 +215,37 @@ def patch_heads_end(model: Transformer, base: BaseRun, source_z_end: Tensor, met
     Args:
         source_z_end: ``[b, L, h, e]`` the source run's ``z`` at END.
         heads: heads to patch (default all).
-    Only the END token is recomputed, from the patched layer on, over the cached prefix.
+    Only the END token is recomputed (:func:`resume`), from the patched layer on, over the cached
+    prefix; each head of a chunk patches its own copy of the prompts.
     """
-    b, L = base.tokens.shape[0], model.spec.n_layers
+    b = base.tokens.shape[0]
     rows_b = torch.arange(b)
 
     def run(layer: int, chunk: list[int]) -> Tensor:
-        k = len(chunk)
-        resid = base.resid_pre[layer][rows_b, base.end][:, None].repeat(k, 1, 1)  # [k*b, 1, d]
-        past = {l: (base.keys[l].repeat(k, 1, 1, 1), base.values[l].repeat(k, 1, 1, 1)) for l in range(layer, L)}
+        rows = rows_b.repeat(len(chunk))
         hook = _z_hook(chunk, source_z_end[:, layer], b, at_end_only=True)
-        return model(None, start_layer=layer, start_resid=resid, positions=base.end.repeat(k)[:, None],
-                     past=past, past_len=base.end.repeat(k), logits_at=torch.zeros(k * b, dtype=torch.long),
-                     hooks={f"blocks.{layer}.attn.hook_z": hook})
+        return resume(model, base, layer, base.end[rows, None], rows=rows, hooks={f"blocks.{layer}.attn.hook_z": hook})
 
     return sweep_heads(model, base, metric, run, heads, max_rows)
+
+
+@torch.no_grad()
+def patch_mlps_end(model: Transformer, base: BaseRun, source_mlp_end: Tensor, metric: Metric,
+                   layers: Sequence[int] | None = None) -> Tensor:
+    """Effect of replacing each MLP's output at END by ``source_mlp_end [b, L, d]``: ``[L]`` (NaN
+    where not patched). Like :func:`patch_heads_end`, one END-only resumed pass per layer."""
+    b, L = base.tokens.shape[0], model.spec.n_layers
+    rows_b = torch.arange(b)
+    layers = list(range(L)) if layers is None else list(layers)
+    base_metric = metric(base.end_logits, rows_b).mean()
+    out = torch.full((L,), float("nan"))
+    for layer in layers:
+        def hook(x: Tensor, layer: int = layer) -> Tensor:
+            return source_mlp_end[:, layer][:, None]
+
+        logits = resume(model, base, layer, base.end[:, None], hooks={f"blocks.{layer}.hook_mlp_out": hook})
+        out[layer] = metric(logits, rows_b).mean() - base_metric
+    return out
 
 
 def patch_heads_all_positions(model: Transformer, base: BaseRun, source_z: list[Tensor], metric: Metric,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mechrepro.workflow.artifacts import PROV_SUFFIX, atomic_path, sha256_file, write_json
+from mechrepro.workflow.artifacts import PROV_SUFFIX, sha256_file, write_json, write_safetensors
 from mechrepro.core.model import Transformer
 
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -132,8 +132,6 @@ def _tiny_hf_model(name: str, seed: int):
 
 def _save_local(hf_model, tokenizer, out_dir: Path) -> dict[str, str]:
     """Save config, tokenizer and a safetensors state dict (tied head dropped); return file hashes."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = hf_model.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -142,8 +140,7 @@ def _save_local(hf_model, tokenizer, out_dir: Path) -> dict[str, str]:
     tied = getattr(hf_model.config, "tie_word_embeddings", False)
     sd = {k: v.detach().contiguous() for k, v in hf_model.state_dict().items()
           if not (tied and k == "lm_head.weight")}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(sd, str(tmp))
+    write_safetensors(out_dir / "model.safetensors", sd)  # no metadata: Hugging Face reads the file
     # not part of the model: hidden files (e.g. the temporary file of a write killed earlier), the
     # manifest and provenance sidecars (a forced rerun finds the previous run's)
     return {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()

@@ -4,6 +4,11 @@ Every artifact is written to a temporary file in the same directory and renamed 
 killed run never leaves a truncated file under the final name. Next to each artifact
 ``X`` a sidecar ``X.prov.json`` records what made it: the rule, the config values used, the model
 and its weight hash, the code version, and the SHA-256 of each input file and of ``X`` itself.
+
+Formats: JSON, CSV, and safetensors for tensors (:func:`save_safetensors` /
+:func:`load_safetensors`; the metadata is one JSON entry with sorted keys, so equal tensors and
+metadata give equal bytes). A reader that finds an artifact missing, corrupt or not holding what
+it needs raises :class:`ArtifactError` naming the file, what is wrong and how to rebuild it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PROV_SUFFIX = ".prov.json"
 _UMASK = os.umask(0)
@@ -200,3 +209,69 @@ def save_csv(path: str | os.PathLike, frame, prov: dict) -> Path:
     write_csv(path, frame)
     write_provenance(path, prov)
     return Path(path)
+
+
+# ------------------------------------------------------------------ safetensors
+SAFETENSORS_KEY = "mechrepro"  # the one metadata entry of our safetensors artifacts
+
+
+def _rebuild(path: str | os.PathLike, rule: str | None) -> str:
+    return f"rerun 'snakemake --forcerun {rule}'" if rule else f"delete it and rerun 'snakemake {path}'"
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping | None = None) -> Path:
+    """Write ``tensors`` as safetensors (an open format), atomically (no sidecar).
+
+    ``metadata`` (values stored as strings) becomes one JSON string with sorted keys under the
+    key ``mechrepro``: safetensors writes several metadata entries in an arbitrary order, which
+    would make equal files differ. ``None``: no metadata at all (e.g. model weights for Hugging
+    Face, which rejects metadata without a ``format`` entry).
+    """
+    from safetensors.torch import save_file
+
+    meta = None if metadata is None else {
+        SAFETENSORS_KEY: json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], prov: dict,
+                     metadata: Mapping | None = None) -> Path:
+    """Write a safetensors artifact (:func:`write_safetensors`; metadata ``{}`` if none) and its
+    provenance sidecar."""
+    write_safetensors(path, tensors, dict(metadata or {}))
+    write_provenance(path, prov)
+    return Path(path)
+
+
+def load_safetensors(path: str | os.PathLike, *, keys: Iterable[str] = (),
+                     shapes: Mapping[str, Sequence[int]] | None = None,
+                     rule: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (on the CPU) and metadata of a safetensors artifact written by :func:`save_safetensors`.
+
+    ``keys`` must be present and each of ``shapes`` present with that shape; ``rule`` (the rule
+    that makes the file) is named in the errors. A missing or corrupt file, a missing tensor or a
+    wrong shape raises :class:`ArtifactError`.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    fix = _rebuild(path, rule)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist: " + (f"run 'snakemake --forcerun {rule}'" if rule else
+                                                         f"run the rule that makes it (snakemake {path})"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(dict(f.metadata() or {}).get(SAFETENSORS_KEY, "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise ArtifactError(f"{path} is corrupt ({exc}); {fix}") from exc
+    missing = [k for k in [*keys, *(shapes or {})] if k not in tensors]
+    if missing:
+        raise ArtifactError(f"{path} lacks the tensors {missing} (it has {sorted(tensors)}); {fix}")
+    for k, shape in (shapes or {}).items():
+        if tuple(tensors[k].shape) != tuple(shape):
+            raise ArtifactError(f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)}, expected "
+                                f"{tuple(shape)}; {fix}")
+    return tensors, meta

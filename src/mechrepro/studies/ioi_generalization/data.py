@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mechrepro.core.tokens import pad
+
 VARIANTS = ("base", "double_io", "triple_io")
 ROLES = ("S1", "S1+1", "IO1", "IO1+1", "IO2", "IO3", "S2", "END")
 PLACEHOLDERS = ("{N1}", "{N2}", "{S}")
@@ -198,12 +200,8 @@ class Batch:
 def to_batch(dataset: dict, pad_id: int) -> Batch:
     """Stack a dataset's prompts into padded tensors."""
     prompts = dataset["prompts"]
-    width = max(len(p["tokens"]) for p in prompts)
-    tok = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    abc = tok.clone()
-    for i, p in enumerate(prompts):
-        tok[i, : len(p["tokens"])] = torch.tensor(p["tokens"])
-        abc[i, : len(p["abc_tokens"])] = torch.tensor(p["abc_tokens"])
+    tok = pad([p["tokens"] for p in prompts], pad_id)
+    abc = pad([p["abc_tokens"] for p in prompts], pad_id, width=tok.shape[1])
     pos = {r: torch.tensor([p["positions"][r] for p in prompts]) for r in ROLES}
     return Batch(tok, abc, pos, torch.tensor([p["io_token"] for p in prompts]),
                  torch.tensor([p["s_token"] for p in prompts]),

@@ -16,7 +16,7 @@ and accuracy is "the correct answer token has the highest logit among the option
   option contents cyclically shifted (the correct content under another letter). Each node's output
   at the final position is replaced by its corrupted value. *Total effect*: everything after it is
   recomputed — only the final token, from the patched layer on, over the cached keys and values
-  of the clean prefix (:mod:`mechrepro.core.engine`). *Direct effect*: only the node's own path to the
+  of the clean prefix (:func:`mechrepro.core.engine.patch_heads_end`, :func:`~mechrepro.core.engine.patch_mlps_end`). *Direct effect*: only the node's own path to the
   logits changes (the DLA of the corrupted minus the clean output, frozen norm scale).
 * **Attention statistics and head categories** (:func:`attention_stats`, :func:`categorize`): the
   final position's attention to each option's label, to the correct option's content and to the
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mechrepro.core.engine import base_run, patch_heads_end
+from mechrepro.core.engine import base_run, patch_heads_end, patch_mlps_end
 from mechrepro.core.model import Transformer
 
 Batch = dict[str, Tensor]
@@ -194,33 +194,6 @@ def dla(model: Transformer, comps: dict[str, Tensor], answer_ids: Tensor, correc
 
 
 # --------------------------------------------------------------------------------------- patching
-@torch.no_grad()
-def patch_mlps_end(model: Transformer, base, source_mlp_end: Tensor, metric,
-                   layers: Sequence[int] | None = None) -> Tensor:
-    """Effect of replacing each MLP's output at END by ``source_mlp_end [b, L, d]``: ``[L]``.
-
-    Like :func:`mechrepro.core.engine.patch_heads_end`: only the END token is recomputed, from the
-    patched layer on, over the cached keys/values of the clean prefix (one pass per layer).
-    """
-    b, L = base.tokens.shape[0], model.spec.n_layers
-    rows_b = torch.arange(b)
-    layers = list(range(L)) if layers is None else list(layers)
-    base_metric = metric(base.end_logits, rows_b).mean()
-    out = torch.full((L,), float("nan"))
-    for layer in layers:
-        resid = base.resid_pre[layer][rows_b, base.end][:, None]
-        past = {l: (base.keys[l], base.values[l]) for l in range(layer, L)}
-
-        def hook(x, layer=layer):
-            return source_mlp_end[:, layer][:, None]
-
-        logits = model(None, start_layer=layer, start_resid=resid, positions=base.end[:, None], past=past,
-                       past_len=base.end, logits_at=torch.zeros(b, dtype=torch.long),
-                       hooks={f"blocks.{layer}.hook_mlp_out": hook})
-        out[layer] = metric(logits, rows_b).mean() - base_metric
-    return out
-
-
 @torch.no_grad()
 def patch_nodes(model: Transformer, clean: Batch, corrupt: Batch, max_rows: int = 2048) -> dict[str, Tensor]:
     """Total and direct effects on LD of patching every head and MLP output at END from ``corrupt``.

@@ -315,19 +315,19 @@ def to_batch(prompts: list[Prompt], pad_id: int) -> dict:
     """
     import torch
 
+    from mechrepro.core.tokens import pad
+
     if not prompts:
         raise MCQError("no prompts to batch")
     n_opts = {len(p.label_pos) for p in prompts}
     if len(n_opts) != 1:
         raise MCQError(f"prompts with different numbers of options ({sorted(n_opts)}) cannot share a batch")
-    width = max(len(p.tokens) for p in prompts)
-    b, n = len(prompts), n_opts.pop()
-    tokens = torch.full((b, width), pad_id, dtype=torch.long)
+    tokens = pad([p.tokens for p in prompts], pad_id)
+    (b, width), n = tokens.shape, n_opts.pop()
     mask = torch.zeros((b, width), dtype=torch.long)
     content = torch.zeros((b, n, width), dtype=torch.long)
     answer = torch.zeros((b, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p.tokens)] = torch.tensor(p.tokens)
         mask[i, :len(p.tokens)] = 1
         for j, pos in enumerate(p.content_pos):
             content[i, j, pos] = 1

@@ -294,8 +294,6 @@ def _pick_head(heads: pd.DataFrame) -> tuple[tuple[int, int], str]:
 
 def mcq_low_rank(snk) -> None:
     """Low-rank compression of the top correct-letter head's q/k/v (Analysis 5)."""
-    from safetensors.torch import save_file
-
     stage.setup(snk)
     cfg = snk.config["mcq"]
     lm = stage.load_model(snk)
@@ -353,25 +351,19 @@ def mcq_low_rank(snk) -> None:
     art.save_csv(snk.output.key_scatter, pd.DataFrame(rows), prov)
     tensors = {f"{k}_{part}": fits[k][part].float().contiguous().cpu() for k in ma.KINDS for part in ("mean", "basis")}
     tensors["mean_z"] = mean_z.float().contiguous().cpu()
-    with art.atomic_path(snk.output.basis) as tmp:
-        save_file(tensors, str(tmp))
-    art.write_provenance(snk.output.basis, prov)
+    art.save_safetensors(snk.output.basis, tensors, prov)
 
 
 def mcq_mutations(snk) -> None:
     """One label set with the head full, low-rank, or mean-ablated (Analysis 6, the paper's Figure 11)."""
-    from safetensors.torch import load_file
-
     stage.setup(snk)
     cfg = snk.config["mcq"]
     lm = stage.load_model(snk)
     model = lm.model
     lr = art.read_json(snk.input.low_rank)
     head = (lr["layer"], lr["head_index"])
-    try:
-        t = load_file(snk.input.basis)
-    except Exception as exc:  # noqa: BLE001 (any unreadable file)
-        raise ValueError(f"{snk.input.basis} is unreadable ({exc}); rerun 'snakemake --forcerun mcq_low_rank'") from exc
+    keys = [f"{k}_{part}" for k in ma.KINDS for part in ("mean", "basis")] + ["mean_z"]
+    t, _ = art.load_safetensors(snk.input.basis, keys=keys, rule="mcq_low_rank")
     dev = torch.get_default_device()
     fits = {k: {"mean": t[f"{k}_mean"].to(dev), "basis": t[f"{k}_basis"].to(dev)} for k in ma.KINDS}
     data, prompts = _load_prompts(snk.input.data)

@@ -39,7 +39,9 @@ import torch
 from torch import Tensor
 
 from mechrepro.studies.subspace_illusion import rome as R
+from mechrepro.core import engine as E
 from mechrepro.core import subspace as S
+from mechrepro.core.tokens import pad
 from mechrepro.workflow.config import read_yaml
 from mechrepro.core.model import Transformer
 
@@ -123,19 +125,13 @@ def build_facts(relations: dict[str, dict], encode: Encode, bos_id: int) -> list
     return facts
 
 
-def pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0) -> Tensor:
-    """Right-padded ``[n, p]`` token tensor (attention is causal: padding after a row's end is never read)."""
-    width = max(len(t) for t in token_lists)
-    return torch.tensor([list(t) + [pad_id] * (width - len(t)) for t in token_lists], dtype=torch.long)
-
-
 @torch.no_grad()
 def answer_facts(model: Transformer, facts: list[dict], batch: int = 64) -> list[dict]:
     """Add the model's answer to each fact: ``top1`` id, ``p_object``, ``correct`` (top-1 = object)."""
     out = []
     for i in range(0, len(facts), batch):
         chunk = facts[i:i + batch]
-        tokens = pad([f["tokens"] for f in chunk])
+        tokens = pad([f["tokens"] for f in chunk], 0)
         end = torch.tensor([f["end_pos"] for f in chunk], dtype=torch.long)
         logits = model(tokens, logits_at=end)
         probs = logits.float().softmax(-1)
@@ -223,8 +219,8 @@ def pair_batch(facts: list[dict], pairs: list[dict]) -> PairBatch:
     def t(xs):
         return torch.tensor(xs, dtype=torch.long)
 
-    return PairBatch(pad([f["tokens"] for f in base]), t([f["subject_pos"] for f in base]),
-                     t([f["end_pos"] for f in base]), pad([f["tokens"] for f in src]),
+    return PairBatch(pad([f["tokens"] for f in base], 0), t([f["subject_pos"] for f in base]),
+                     t([f["end_pos"] for f in base]), pad([f["tokens"] for f in src], 0),
                      t([f["subject_pos"] for f in src]), t([f["object_id"] for f in base]),
                      t([f["object_id"] for f in src]))
 
@@ -315,7 +311,7 @@ def corpus_batches(texts: list[str], encode: Encode, bos_id: int, n_tokens: int,
     rows = [[bos_id, *ids[i:i + step]] for i in range(0, len(ids), step)]
     for i in range(0, len(rows), batch):
         group = rows[i:i + batch]
-        tokens = pad(group)
+        tokens = pad(group, 0)
         mask = torch.zeros(tokens.shape, dtype=torch.bool)
         for j, r in enumerate(group):
             mask[j, 1:len(r)] = True
@@ -331,46 +327,29 @@ def key_at(model: Transformer, layer: int, tokens: Tensor, pos: Tensor) -> Tenso
 class SuffixForward:
     """``forward_fn`` for the MLP key of ``layer`` at each row's subject position, recomputing only the suffix.
 
-    A patch at position ``s`` of layer ``l`` changes nothing before ``s``. The clean run's keys
-    and values of the positions before each row's subject are cached for layers ``l…L−1``
-    (``past``); a patched run starts at ``blocks.{l}.hook_resid_pre`` of the suffix
-    ``s … end`` (padded to the longest), overwrites the MLP key at the suffix's first position,
-    and attends to the cached prefix. Logits are computed at ``end`` only, for ``vocab`` only
-    (the token ids the metric reads; ``None``: the whole vocabulary). Same numbers as
-    :func:`mechrepro.core.subspace.mlp_post_forward` (a test checks it), several times faster when the
-    subject is near the end of the prompt.
+    A patch at position ``s`` of layer ``l`` changes nothing before ``s``. One clean run caches
+    the keys and values of layers ``l…L−1`` and ``blocks.{l}.hook_resid_pre``
+    (:func:`mechrepro.core.engine.cache_prefix`); a patched run resumes the suffix ``s … end`` at
+    layer ``l`` (:func:`mechrepro.core.engine.resume`), overwrites the MLP key at the suffix's first
+    position, and attends to the cached prefix. Rows are run in groups of equal suffix length (no
+    padded positions are computed). Logits are computed at ``end`` only, for ``vocab`` only (the
+    token ids the metric reads; ``None``: the whole vocabulary). Same numbers as
+    :func:`mechrepro.core.subspace.mlp_post_forward` (a test checks it), several times faster when
+    the subject is near the end of the prompt.
     """
 
     def __init__(self, model: Transformer, layer: int, tokens: Tensor, subj: Tensor, end: Tensor,
                  vocab: Tensor | None = None):
         self.model, self.layer, self.vocab = model, layer, vocab
-        L = model.spec.n_layers
-        kname = "hook_rot_k" if model.spec.arch == "llama" else "hook_k"
-        names = [f"blocks.{layer}.hook_resid_pre"] + [f"blocks.{j}.attn.{n}" for j in range(layer, L)
-                                                      for n in (kname, "hook_v")]
-        cache: dict[str, Tensor] = {}
-        with torch.no_grad():
-            model(tokens, cache=cache, cache_names=names, stop_layer=L)
-        n = len(tokens)
-        rows = torch.arange(n, device=tokens.device)
-        P = max(1, int(subj.max()))
-        self.past = {j: (cache[f"blocks.{j}.attn.{kname}"][:, :P], cache[f"blocks.{j}.attn.hook_v"][:, :P])
-                     for j in range(layer, L)}
-        width = int((end - subj).max()) + 1
-        offs = torch.arange(width, device=tokens.device)
-        pos = (subj[:, None] + offs).clamp(max=tokens.shape[1] - 1)
-        self.positions = subj[:, None] + offs
-        self.start = cache[f"blocks.{layer}.hook_resid_pre"][rows[:, None], pos]
-        self.past_len, self.end_local = subj, end - subj
+        self.prefix, _ = E.cache_prefix(model, tokens, range(layer, model.spec.n_layers), [layer])
+        self.subj, self.end_local = subj, end - subj
 
     def __call__(self, patched: Tensor, idx: Tensor) -> Tensor:
-        # rows are run in groups of equal suffix length (no padded positions are computed)
         widths = self.end_local[idx] + 1
         out = None
         for w in torch.unique(widths).tolist():
             sel = (widths == w).nonzero().flatten()
-            rows = idx[sel]
-            logits = self._run(patched[sel], rows, int(w))
+            logits = self._run(patched[sel], idx[sel], int(w))
             if out is None:
                 out = logits.new_zeros(len(idx), logits.shape[-1])
             out = out.index_put((sel,), logits)
@@ -382,12 +361,9 @@ class SuffixForward:
         def write(x: Tensor) -> Tensor:
             return S._write_rows(x, zero, patched)
 
-        n_past = max(1, int(self.past_len[rows].max()))
-        past = {j: (k[rows, :n_past], v[rows, :n_past]) for j, (k, v) in self.past.items()}
-        return self.model(None, start_layer=self.layer, start_resid=self.start[rows, :width],
-                          positions=self.positions[rows, :width], past=past, past_len=self.past_len[rows],
-                          hooks={f"blocks.{self.layer}.mlp.hook_post": write}, logits_at=self.end_local[rows],
-                          logit_tokens=self.vocab)
+        positions = self.subj[rows, None] + torch.arange(width, device=rows.device)
+        return E.resume(self.model, self.prefix, self.layer, positions, rows=rows, vocab=self.vocab, trim=True,
+                        hooks={f"blocks.{self.layer}.mlp.hook_post": write})
 
 
 def learn_pair_directions(k_base: Tensor, k_src: Tensor, forward_fn: S.ForwardFn, target: Tensor, *,

@@ -34,7 +34,8 @@ integer sets the layer directly; the name movers used below are those above it.
 
 **Speed.** A patch at END changes nothing at earlier positions (attention is causal), so every
 patched run recomputes only the END token, from the site upwards, attending to the base run's
-cached keys and values (:class:`SiteCache`, :func:`resid_forward`, :func:`mlp_forward`). DAS,
+cached keys and values (:class:`SiteCache`, :func:`resid_forward`, :func:`mlp_forward`, all
+resumed runs of :func:`mechrepro.core.engine.resume`). DAS,
 ``v_grad`` and the evaluation all use these END-only runs.
 
 **Metrics** on the held-out test pairs: LD = logit(IO) − logit(S) of the base prompt at END;
@@ -55,7 +56,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechrepro.core import engine as E
 from mechrepro.core import subspace as S
+from mechrepro.core.tokens import pad
 from mechrepro.workflow.config import read_yaml
 from mechrepro.studies.ioi_generalization.data import DatasetError, render, single_token_words, tokenize
 from mechrepro.core.model import Transformer
@@ -211,12 +214,8 @@ def to_batch(pairs: list[dict], pad_id: int) -> PairBatch:
     """Stack the pairs of one split (every row padded to the split's longest prompt)."""
     if not pairs:
         raise DatasetError("no pairs in this split (subspace_ioi.n_train / n_test must be at least 2)")
-    width = max(len(p["tokens"]) for p in pairs)
-    tok = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    src = tok.clone()
-    for i, p in enumerate(pairs):
-        tok[i, :len(p["tokens"])] = torch.tensor(p["tokens"])
-        src[i, :len(p["src_tokens"])] = torch.tensor(p["src_tokens"])
+    tok = pad([p["tokens"] for p in pairs], pad_id)
+    src = pad([p["src_tokens"] for p in pairs], pad_id, width=tok.shape[1])
 
     def col(key, sub=None):
         return torch.tensor([p[key][sub] if sub else p[key] for p in pairs])
@@ -278,16 +277,16 @@ def resolve_layer(setting: str | int, circuit: dict, n_layers: int) -> dict:
 class SiteCache:
     """What the END-only runs of one split need, at site layer ``layer``.
 
-    ``past``: keys (after rotary) and values of the base prompts for the layers above the site,
-    ``[n, p, g, e]``; ``resid_mid``: the base residual after layer ``layer``'s attention, at END;
-    ``post`` / ``post_src``: MLP hidden activation at END (base / source); ``resid`` /
-    ``resid_src``: ``hook_resid_post`` at END; ``clean_ld``, ``clean_top``: the base run's LD
-    (IO − S) and top token at END.
+    ``prefix``: keys (after rotary) and values of the base prompts for the layers above the site
+    (:class:`mechrepro.core.engine.PrefixCache`); ``resid_mid``: the base residual after layer
+    ``layer``'s attention, at END; ``post`` / ``post_src``: MLP hidden activation at END (base /
+    source); ``resid`` / ``resid_src``: ``hook_resid_post`` at END; ``clean_ld``, ``clean_top``: the
+    base run's LD (IO − S) and top token at END.
     """
 
     layer: int
     end: Tensor
-    past: dict[int, tuple[Tensor, Tensor]]
+    prefix: E.PrefixCache
     resid_mid: Tensor
     post: Tensor
     post_src: Tensor
@@ -303,13 +302,10 @@ def cache_site(model: Transformer, batch: PairBatch, layer: int, batch_size: int
     """One base run (all layers) and one source run (up to the site) of every pair."""
     if layer >= model.spec.n_layers - 1:
         raise SiteError(f"site layer {layer} has no layer above it (the model has {model.spec.n_layers})")
-    key = "hook_rot_k" if model.spec.arch == "llama" else "hook_k"
     above = range(layer + 1, model.spec.n_layers)
     pre = f"blocks.{layer}"
     site_names = [f"{pre}.hook_resid_mid", f"{pre}.mlp.hook_post", f"{pre}.hook_resid_post"]
-    names = site_names + [f"blocks.{l}.attn.{n}" for l in above for n in (key, "hook_v")]
-    keys: dict[int, list[Tensor]] = {l: [] for l in above}
-    values: dict[int, list[Tensor]] = {l: [] for l in above}
+    prefixes: list[E.PrefixCache] = []
     acts: dict[str, list[Tensor]] = {n: [] for n in ("mid", "post", "resid", "post_src", "resid_src")}
     lds, tops = [], []
     n = len(batch)
@@ -317,13 +313,12 @@ def cache_site(model: Transformer, batch: PairBatch, layer: int, batch_size: int
         sl = slice(i, min(i + batch_size, n))
         rows, end = torch.arange(sl.stop - sl.start), batch.end[sl]
         cache: dict[str, Tensor] = {}
-        logits = model(batch.tokens[sl], cache=cache, cache_names=names, logits_at=end)
+        prefix, logits = E.cache_prefix(model, batch.tokens[sl], above, logits_at=end, cache=cache,
+                                        cache_names=site_names)
+        prefixes.append(prefix)
         rows_io, rows_s = logits[rows, batch.io[sl]], logits[rows, batch.s[sl]]
         lds.append(rows_io - rows_s)
         tops.append(logits.argmax(-1))
-        for l in above:
-            keys[l].append(cache[f"blocks.{l}.attn.{key}"])
-            values[l].append(cache[f"blocks.{l}.attn.hook_v"])
         for short, name in zip(("mid", "post", "resid"), site_names):
             acts[short].append(cache[name][rows, end])
         cache = {}
@@ -333,20 +328,15 @@ def cache_site(model: Transformer, batch: PairBatch, layer: int, batch_size: int
         if progress and (i // batch_size) % 10 == 0:
             progress(f"cached {sl.stop}/{n} pairs at layer {layer}")
     cat = {k: torch.cat(v) for k, v in acts.items()}
-    return SiteCache(layer, batch.end, {l: (torch.cat(keys[l]), torch.cat(values[l])) for l in above},
-                     cat["mid"], cat["post"], cat["post_src"], cat["resid"], cat["resid_src"],
-                     torch.cat(lds), torch.cat(tops))
+    return SiteCache(layer, batch.end, E.PrefixCache.cat(prefixes), cat["mid"], cat["post"], cat["post_src"],
+                     cat["resid"], cat["resid_src"], torch.cat(lds), torch.cat(tops))
 
 
-def _run_from_resid(model: Transformer, site: SiteCache, resid_end: Tensor, idx: Tensor, stop_layer: int | None = None,
-                    **kw):
+def _run_from_resid(model: Transformer, site: SiteCache, resid_end: Tensor, idx: Tensor, **kw):
     """The END token alone from the layer above the site, over the cached keys/values (``kw``:
-    more arguments of the model's forward, e.g. ``cache``)."""
-    past = {l: (k[idx], v[idx]) for l, (k, v) in site.past.items()}
-    nb = len(idx)
-    return model(None, start_layer=site.layer + 1, start_resid=resid_end[:, None], positions=site.end[idx, None],
-                 past=past, past_len=site.end[idx], stop_layer=stop_layer,
-                 logits_at=None if stop_layer is not None else torch.zeros(nb, dtype=torch.long), **kw)
+    more arguments of :func:`mechrepro.core.engine.resume`, e.g. ``stop_layer``, ``cache``)."""
+    return E.resume(model, site.prefix, site.layer + 1, site.end[idx, None], resid=resid_end[:, None], rows=idx,
+                    **kw)
 
 
 def resid_forward(model: Transformer, cache: SiteCache) -> S.ForwardFn:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mechrepro.workflow import artifacts as art
+from mechrepro.workflow.artifacts import load_safetensors, save_safetensors
 from mechrepro.core import subspace as S
 from mechrepro.studies.subspace_illusion import facts as F
 from mechrepro.workflow import stage
@@ -39,38 +40,6 @@ log = logging.getLogger("mechrepro")
 
 
 # ------------------------------------------------------------------ helpers
-def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], prov: dict,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors as safetensors (an open format), atomically, with a provenance sidecar.
-
-    ``metadata`` is stored as one JSON string under the key ``mechrepro`` (sorted keys): safetensors
-    writes several metadata entries in an arbitrary order, which would make equal files differ.
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    meta = {"mechrepro": json.dumps(metadata or {}, sort_keys=True)}
-    with art.atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    art.write_provenance(path, prov)
-    return Path(path)
-
-
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors artifact; a corrupt file raises :class:`ArtifactError`."""
-    import json
-
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta.get("mechrepro", "{}"))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise art.ArtifactError(f"{path} is corrupt ({exc}); delete it and rerun 'snakemake {path}'") from exc
-
-
 @contextlib.contextmanager
 def one_thread():
     """Run gradient computations, reductions and decompositions (SVD) on one thread, so that their
@@ -304,23 +273,10 @@ def _data(snk) -> dict:
     return data
 
 
-def _save_tensors(path: str, tensors: dict, prov: dict, metadata: dict | None = None) -> None:
-    save_safetensors(path, tensors, prov, {k: str(v) for k, v in (metadata or {}).items()})
-
-
-def _load_sigma(path: str, layer: int, d_mlp: int) -> torch.Tensor:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        C = load_file(path)["sigma"]
-    except (SafetensorError, KeyError, OSError) as err:
-        raise ValueError(f"{path}: not a key-statistics file ({err}); rebuild it with "
-                         "'snakemake --forcerun facts_key_stats'") from err
-    if C.shape != (d_mlp, d_mlp):
-        raise ValueError(f"{path}: Σ of shape {tuple(C.shape)}, expected ({d_mlp}, {d_mlp}) for layer {layer}; "
-                         "rebuild it with 'snakemake --forcerun facts_key_stats'")
-    return C.to(torch.get_default_device(), torch.get_default_dtype())
+def _load_sigma(path: str, d_mlp: int) -> torch.Tensor:
+    """ROME's key second moment ``Σ [f, f]`` (made by ``facts_key_stats``), on the default device."""
+    tensors, _ = load_safetensors(path, shapes={"sigma": (d_mlp, d_mlp)}, rule="facts_key_stats")
+    return tensors["sigma"].to(torch.get_default_device(), torch.get_default_dtype())
 
 
 def facts_dataset(snk) -> None:
@@ -366,7 +322,7 @@ def facts_key_stats(snk) -> None:
     prov = stage.prov(snk, lm.manifest)
     for path, layer in zip(snk.output, layers):
         C = sigmas[layer]
-        _save_tensors(path, {"sigma": C}, prov, {"layer": layer, "n_keys": n, "corpus": cfg["corpus"]})
+        save_safetensors(path, {"sigma": C}, prov, {"layer": layer, "n_keys": n, "corpus": cfg["corpus"]})
 
 
 def facts_layer(snk) -> None:
@@ -377,7 +333,7 @@ def facts_layer(snk) -> None:
     lm = stage.load_model(snk)
     if not 0 <= layer < lm.model.spec.n_layers:
         raise ValueError(f"facts.layers has {layer}, outside the model's layers 0-{lm.model.spec.n_layers - 1}")
-    C = _load_sigma(snk.input.sigma, layer, lm.model.spec.d_mlp)
+    C = _load_sigma(snk.input.sigma, lm.model.spec.d_mlp)
     t = time.time()
     log.info("layer %d: learning %d directions (%d steps, lrs %s)", layer, len(data["pairs"]), cfg["steps"], cfg["lrs"])
     frame, summary, V = F.sweep_layer(lm.model, layer, data["facts"], data["pairs"], C, steps=cfg["steps"],
@@ -390,7 +346,7 @@ def facts_layer(snk) -> None:
              summary["rank1_agrees_1d"], summary["null_norm"], summary["random_null_norm"], summary["timings"]["seconds"])
     prov = stage.prov(snk, lm.manifest)
     art.save_csv(snk.output.csv, frame, prov)
-    _save_tensors(snk.output.directions, {"directions": V}, prov, {"layer": layer})
+    save_safetensors(snk.output.directions, {"directions": V}, prov, {"layer": layer})
     art.save_json(snk.output.json, summary, prov)
 
 
@@ -400,7 +356,7 @@ def rome_layer(snk) -> None:
     layer = int(snk.wildcards.layer)
     data = _data(snk)
     lm = stage.load_model(snk)
-    C = _load_sigma(snk.input.sigma, layer, lm.model.spec.d_mlp)
+    C = _load_sigma(snk.input.sigma, lm.model.spec.d_mlp)
     pairs = data["pairs"][:cfg["n_pairs"]]
     t = time.time()
     log.info("layer %d: ROME edits for %d pairs", layer, len(pairs))
