@@ -245,7 +245,7 @@ def test_circuit_head_outside_the_model(head):
 
 def test_quick_tokenizer_agrees_with_the_models(tokenizer, ioi_data):
     """The parse-time single-token check uses the same tokens as the ioi_dataset rule."""
-    from mechrepro.workflow.config import quick_tokenizer
+    from mechrepro.studies.ioi_generalization.checks import quick_tokenizer
     from mechrepro.studies.ioi_generalization.data import single_token_words
 
     quick = quick_tokenizer("tiny-gpt2")

@@ -18,7 +18,7 @@ import yaml
 
 from mechrepro.workflow import artifacts as art
 from mechrepro.workflow import stage
-from mechrepro.workflow.config import load_ioi_data
+from mechrepro.studies.ioi_generalization.checks import load_ioi_data
 
 log = logging.getLogger("mechrepro")
 

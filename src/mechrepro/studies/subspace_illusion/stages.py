@@ -131,7 +131,7 @@ def subspace_toy(snk) -> None:
 
 
 def subspace_ioi_dataset(snk) -> None:
-    from mechrepro.workflow.config import load_ioi_data
+    from mechrepro.studies.ioi_generalization.checks import load_ioi_data
     from mechrepro.core.registry import load_model
     from mechrepro.studies.subspace_illusion.ioi import load_data, make_pairs
 
