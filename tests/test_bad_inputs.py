@@ -233,7 +233,7 @@ def test_bad_input_stops_the_first_job(finished, tmp_path, case):
 
 @pytest.mark.parametrize("head", [[4, 0], [0, 4], [-1, 0], [0, -2], [1], [1, 2, 3], ["1", 0], [1.0, 2], [True, 0]])
 def test_circuit_head_outside_the_model(head):
-    from mechrepro.studies.ioi_generalization.stages import check_circuit
+    from mechrepro.studies.ioi_generalization.circuit import check_circuit
 
     spec = {"n_layers": 4, "n_heads": 4}
     check_circuit({"classes": {"name_mover": [[3, 3], [0, 0]]}}, spec, "c.json")
@@ -244,7 +244,7 @@ def test_circuit_head_outside_the_model(head):
 
 def test_quick_tokenizer_agrees_with_the_models(tokenizer, ioi_data):
     """The parse-time single-token check uses the same tokens as the ioi_dataset rule."""
-    from mechrepro.workflow.config import quick_tokenizer
+    from mechrepro.studies.ioi_generalization.checks import quick_tokenizer
     from mechrepro.studies.ioi_generalization.data import single_token_words
 
     quick = quick_tokenizer("tiny-gpt2")

@@ -283,3 +283,12 @@ def test_facts_summary_collects_layers_in_order(tmp_path):
     bad.write_text(json.dumps({"layer": 3, "n_pairs": 1}))
     with pytest.raises(ValueError, match="missing"):
         SF.facts_summary(_snk(tmp_path, [str(bad)], out, "facts_summary"))
+
+
+def test_count_correct_by_relation():
+    from mechrepro.studies.subspace_illusion.facts import count_correct
+
+    facts = [{"relation": "capital", "correct": True}, {"relation": "capital", "correct": False},
+             {"relation": "language", "correct": True}]
+    assert count_correct(facts) == (2, {"capital": {"n": 2, "correct": 1}, "language": {"n": 1, "correct": 1}})
+    assert count_correct([]) == (0, {})

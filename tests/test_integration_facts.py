@@ -14,7 +14,7 @@ from mechrepro.studies import study
 from mechrepro.studies.subspace_illusion import FACTS_FIGURES as FACTS_FIGURE_NAMES
 
 FACTS_RESULTS, FACTS_FIGURES = study("subspace_illusion").results, study("subspace_illusion").figures_dir
-from mechrepro.studies.subspace_illusion.stages import FACTS_KEYS, ROME_KEYS
+from mechrepro.studies.subspace_illusion.metrics import FACTS_KEYS, ROME_KEYS
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Subspace patching, row/null-space decomposition, the toy model, DAS and the IOI metrics."""
+"""Subspace patching, row/null-space decomposition, Study B's toy model, DAS and the IOI metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mechrepro.core import subspace as S
+from mechrepro.studies.subspace_illusion import toy as T
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,17 +119,30 @@ def test_query_rowspace(models):
 
 # ------------------------------------------------------------------ toy model
 def test_toy_example_numbers_are_computed():
-    r = S.toy_example()
+    r = T.toy_example()
     assert r["e3"] == pytest.approx(-2.0, abs=1e-12) and r["full"] == pytest.approx(-2.0, abs=1e-12)
     assert abs(r["v"] - r["e3"]) < 1e-6
     assert abs(r["v_null"]) < 1e-6 and abs(r["v_row"]) < 1e-6
     assert r["v_row_readout"] == pytest.approx(r["full"])  # the 1-D readout split cannot show it
     assert r["v_null_norm"] == pytest.approx(2 ** -0.5)
     # the numbers follow the weights: a dormant unit that writes half as much halves the effect
-    m = S.ToyModel()
+    m = T.ToyModel()
     m.W_out = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    r2 = S.toy_example(m)
+    r2 = T.toy_example(m)
     assert r2["v"] == pytest.approx(0.5 * r2["e3"]) and r2["v_null"] == pytest.approx(0.0)
+
+
+def test_toy_record_draws_what_the_effects_say():
+    rec = T.toy_record()
+    assert set(T.toy_example()) <= set(rec) and rec["v"] == T.toy_example()["v"]
+    assert rec["weights"]["readout_w"] == [0.0, 2.0, 1.0]
+    assert rec["h_base"] == [1.0, 0.0, 1.0] and rec["h_src"] == [-1.0, -0.0, -1.0]
+    # patching v moves the dormant unit h2 by as much as the disconnected unit h1 varies
+    assert rec["h_patched"]["v"] == pytest.approx([0.0, -1.0, 1.0])
+    assert rec["h_patched"]["e3"] == pytest.approx([1.0, 0.0, -1.0])
+    assert rec["h_patched"]["v_null"] == pytest.approx([-1.0, 0.0, 1.0])  # h1 changes, but writes nothing
+    for key, d in rec["directions"].items():
+        assert sum(x * x for x in d) == pytest.approx(1.0), key
 
 
 # ------------------------------------------------------------------ DAS

@@ -331,3 +331,59 @@ def test_metrics_merge_copies_every_part(tmp_path):
     stale.write_text(json.dumps({"ioi": {"model": "gpt2"}}))
     with pytest.raises(Exception, match="gpt2"):
         subspace_metrics(_snk(tmp_path, [parts[0], stale], tmp_path / "m3.json"))
+
+
+def test_merge_parts_keeps_the_order_and_refuses_clashes():
+    from mechrepro.studies.subspace_illusion.metrics import merge_parts
+    from mechrepro.workflow.artifacts import ArtifactError
+
+    manifest = {"name": "tiny-gpt2", "description": "a test model"}
+    m = merge_parts(manifest, [("toy.json", {"toy": 1}), ("ioi.json", {"ioi": {"model": "tiny-gpt2"}, "b": 2})])
+    assert list(m) == ["model", "model_description", "toy", "ioi", "b"]
+    with pytest.raises(ValueError, match="toy.json already gives"):
+        merge_parts(manifest, [("toy.json", {"toy": 1}), ("x.json", {"toy": 2})])
+    with pytest.raises(ValueError, match="the model description already gives"):
+        merge_parts(manifest, [("x.json", {"model": "other"})])
+    with pytest.raises(ArtifactError, match="x.json: a metrics part must be a JSON object"):
+        merge_parts(manifest, [("x.json", [1, 2])])
+    with pytest.raises(ArtifactError, match="'gpt2', not 'tiny-gpt2'"):
+        merge_parts(manifest, [("x.json", {"ioi": {"model": "gpt2"}})])
+
+
+def test_per_layer_sorts_layers_numerically_and_names_a_bad_file():
+    from mechrepro.studies.subspace_illusion.metrics import per_layer
+
+    out = per_layer([("l10.json", {"layer": 10, "a": 1, "b": 2}), ("l2.json", {"layer": 2, "a": 3, "b": 4})], ("a",))
+    assert list(out) == ["2", "10"] and out["10"] == {"a": 1}
+    with pytest.raises(ValueError, match=r"l2.json: missing \['b'\]"):
+        per_layer([("l2.json", {"layer": 2, "a": 3})], ("a", "b"))
+
+
+def test_run_summaries_follow_their_definitions(models):
+    import math
+
+    m, batch, layer = models["gpt2"], _batch(n=8), 1
+    cache = B.cache_site(m, batch, layer)
+    g = torch.Generator().manual_seed(2)
+    v_mlp, v_resid = S.unit(torch.randn(m.spec.d_mlp, generator=g)), S.unit(torch.randn(m.spec.d_model, generator=g))
+    parts = B.decompose_all(m, layer, v_mlp, v_resid, [(2, 1)])
+    dirs = {"v_mlp": v_mlp, "v_resid": v_resid, **parts["dirs"], "v_grad": -v_resid,
+            "v_mean": S.unit(torch.randn(m.spec.d_model, generator=g))}
+    site = {"layer": layer, "rule": "config: subspace.layer", "s_inhibition": [], "name_movers": [[2, 1]]}
+    d = B.eval_summary("tiny-gpt2", "a test model", site, 16, cache, batch, dirs, parts, {"x_s": 1.0})
+    assert d["n_train"] == 16 and d["n_test"] == 8 and d["sites"]["mlp"] == "blocks.1.mlp.hook_post"
+    assert d["clean_ld"] == pytest.approx(float(cache.clean_ld.mean()))
+    abb = cache.clean_ld[batch.is_abb].mean()
+    assert d["clean_ld_by_order"]["ABB"] == pytest.approx(float(abb))
+    assert d["cos"]["v_resid_v_grad"] == pytest.approx(1.0)  # |cos|: the sign of a direction means nothing
+    assert d["null_norm"]["v_grad"] == pytest.approx(d["null_norm"]["v_resid"])
+    f, r = d["dim"]["mlp"], d["rowspace_dim"]["mlp"]
+    assert d["random_null_norm"]["mlp"] == pytest.approx(math.sqrt((f - r) / f))
+    assert set(d["rows"]) == set(B.TABLE1_ROWS) and d["rows"]["full_mlp"] == {"site": "mlp", "direction": "full"}
+    ld, top = B.patched(m, cache, batch, "resid", v_resid)
+    cfg = {"lr": 0.1, "epochs": 2, "batch": 4}
+    s = B.das_summary("resid", site, "tiny-gpt2", cfg, cache, batch, [3.0, 2.0, 1.5], ld, top, {"train_s": 0.1})
+    assert s["hook"] == "blocks.1.hook_resid_post" and s["dim"] == m.spec.d_model and s["steps"] == 3
+    assert (s["loss_first"], s["loss_last"]) == (3.0, 1.5)
+    assert s["train_fldd"] == pytest.approx(S.fldd(ld, cache.clean_ld))
+    assert s["train_interchange_acc"] == pytest.approx(float((top == batch.expected).float().mean()))

@@ -15,8 +15,6 @@ Techniques:
   the amount the data vary along ``v_null``. For the MLP hidden activation the map is the out
   projection (:func:`mlp_rowspace`); the residual stream has no kernel, so the proxy is the name
   movers' query weights (:func:`query_rowspace`).
-* **Toy model** (:class:`ToyModel`, :func:`toy_example`): the paper's Section 3 example, with the
-  numbers computed by the functions of this module.
 * **DAS for one direction** (:func:`learn_direction`): distributed alignment search with the
   rotation reduced to a single unit vector ``v = u / ‖u‖``, trained with Adam on cached
   activations at the site; ``forward_fn`` recomputes only the model downstream of the site
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -109,61 +106,6 @@ def query_rowspace(model: Transformer, heads: Sequence[tuple[int, int]], fold_no
                 W = W - W.mean(0, keepdim=True)
         blocks.append(W)
     return rowspace_basis(torch.cat(blocks, dim=1))
-
-
-# ------------------------------------------------------------------ the toy model (Section 3)
-@dataclass
-class ToyModel:
-    """A linear network ``x ↦ h = x·w_in ↦ z = h @ W_out ↦ y = z · r`` with 3 hidden units.
-
-    ``x ∈ {+1, −1}`` is the binary feature. ``h1 = x`` tracks it but writes nothing
-    (``W_out[0] = 0``: causally disconnected); ``h2 = 0`` on every input (dormant) but writes
-    ``(2, 0)``; ``h3 = x`` is the faithful unit and writes ``(0, 1)``. The readout ``r = (1, 1)``
-    gives ``y = w · h`` with ``w = W_out r = (0, 2, 1)``.
-
-    The "MLP out projection" ``W_out [3, 2]`` has rank 2: its row space is ``span(e2, e3)`` and
-    its kernel ``span(e1)``, as in a transformer MLP whose hidden width exceeds ``d_model``.
-    (Against the 1-D end-to-end readout ``w`` instead, the row part of any ``v`` is ``∝ w``, and
-    patching along ``w`` copies ``y`` itself, so that split cannot show the illusion;
-    :func:`toy_example` reports it as ``v_row_readout``.)
-    """
-
-    w_in: Tensor = field(default_factory=lambda: torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
-    W_out: Tensor = field(default_factory=lambda: torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]],
-                                                               dtype=torch.float64))
-    r: Tensor = field(default_factory=lambda: torch.tensor([1.0, 1.0], dtype=torch.float64))
-
-    def hidden(self, x: Tensor) -> Tensor:
-        return x[..., None] * self.w_in
-
-    def output(self, h: Tensor) -> Tensor:
-        return (h @ self.W_out) @ self.r
-
-
-def toy_example(model: ToyModel | None = None, x_base: float = 1.0, x_src: float = -1.0) -> dict[str, float]:
-    """Output change ``y(patched) − y(base)`` of patches from the source input into the base input.
-
-    Keys: ``full`` (all units), ``e3`` (faithful unit), ``v`` (``∝ e1 + e2``), ``v_null`` and
-    ``v_row`` (its parts against the row space of ``W_out``), ``v_row_readout`` (its row part
-    against the 1-D readout ``w``), and ``y_base``, ``y_src``. Everything is computed with
-    :func:`subspace_patch`, :func:`rowspace_basis` and :func:`decompose`.
-    """
-    m = model or ToyModel()
-    h_b, h_s = m.hidden(torch.tensor(x_base, dtype=torch.float64)), m.hidden(torch.tensor(x_src, dtype=torch.float64))
-    y_b = m.output(h_b)
-    eye = torch.eye(3, dtype=torch.float64)
-    v = unit(eye[0] + eye[1])
-    v_row, v_null = decompose(v, rowspace_basis(m.W_out))
-    w = m.W_out @ m.r
-    v_row_w, _ = decompose(v, rowspace_basis(w[:, None]))
-
-    def effect(direction: Tensor) -> float:
-        return float(m.output(subspace_patch(h_b, h_s, direction)) - y_b)
-
-    return {"y_base": float(y_b), "y_src": float(m.output(h_s)), "full": float(m.output(h_s) - y_b),
-            "e3": effect(eye[2]), "v": effect(v), "v_null": effect(unit(v_null)), "v_row": effect(unit(v_row)),
-            "v_row_readout": effect(unit(v_row_w)),
-            "v_null_norm": float(v_null.norm()), "v_row_norm": float(v_row.norm())}
 
 
 # ------------------------------------------------------------------ DAS for one direction

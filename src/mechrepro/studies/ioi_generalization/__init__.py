@@ -1,9 +1,9 @@
 """Study A: IOI circuit generalization and "S2 hacking" (Nainani et al. 2024).
 
-Modules: ``data`` (IOI prompts and variants), ``circuit`` (Wang et al.'s discovery procedure),
-``analysis`` (model vs circuit per variant, restored paths, attention, value paths, head
-patching), ``stages`` (one function per rule of ``workflow/rules/ioi_generalization.smk``),
-``plotting`` (the figures of ``notebooks/ioi_generalization/``).
+Modules: ``data`` (IOI prompts and variants), ``checks`` (the prompt material's early checks),
+``circuit`` (Wang et al.'s discovery procedure), ``analysis`` (model vs circuit per variant,
+restored paths, attention, value paths, head patching), ``stages`` (one function per rule of
+``workflow/rules/ioi_generalization.smk``), ``plotting`` (the figures of ``notebooks/ioi_generalization/``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def check_config(config: dict, root: str) -> None:
     """The IOI prompt material must parse and have enough single-token names (before any job runs)."""
     from pathlib import Path
 
-    from mechrepro.workflow.config import check_single_token_names, load_ioi_data
+    from mechrepro.studies.ioi_generalization.checks import check_single_token_names, load_ioi_data
 
     data_path = Path(root) / config["ioi"]["data_file"]
     check_single_token_names(load_ioi_data(data_path), data_path, config, root)

@@ -6,6 +6,9 @@
   other tokens; per-head attention to the correct and incorrect tokens in model and circuit.
 * :func:`value_paths` — Figure 6: path patching from every earlier head into the S-inhibition
   heads' values, from S2 or from IO2.
+* :func:`head_patching` — activation patching of every head, exact and by attribution.
+* :func:`inference_table`, :func:`study_metrics` — the tables and the study's ``metrics.json``
+  (with Table 2, :func:`table2_row`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def _attention(pattern: torch.Tensor, batch: Batch, q_role: str, key_roles: list
     return total
 
 
+def inference_table(batch: Batch, m: dict[str, torch.Tensor], variant: str, model_name: str
+                    ) -> tuple[pd.DataFrame, dict]:
+    """The model's own behaviour on one variant, from its IOI metrics ``m`` (``ld``, ``correct``,
+    ``p_io`` per prompt): the per-prompt table and the summary (pooled and by name order)."""
+    frame = pd.DataFrame({"prompt": range(len(batch)), "order": batch.order, "template": batch.template.tolist(),
+                          "ld": m["ld"].tolist(), "correct": m["correct"].tolist(), "p_io": m["p_io"].tolist()})
+    summary = {"variant": variant, "model": model_name, "n": len(batch),
+               "pooled": {"ld": frame.ld.mean(), "accuracy": frame.correct.mean(), "p_io": frame.p_io.mean()},
+               "by_order": {o: {"ld": g.ld.mean(), "accuracy": g.correct.mean(), "p_io": g.p_io.mean(), "n": len(g)}
+                            for o, g in frame.groupby("order")}}
+    return frame, summary
+
+
 def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: str, batch_size: int,
                      progress: Callable[[str], None] = print) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict]:
     """Model vs circuit on one variant.
@@ -77,14 +93,31 @@ def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: s
                                   cache_names=[f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)])
     means = template_means(stack_z(model, cache_abc), batch.template)
 
-    def circuit_run(restore=None, names=()):
-        keep = keep_mask(circuit, batch, spec.n_layers, spec.n_heads, restore)
-        return run_end_logits(model, batch.tokens, end, batch_size=batch_size, cache_names=list(names) or None,
-                              hooks_fn=lambda sl: ablation_hooks(model, keep[sl], means, batch.template[sl]))
-
     progress(f"{variant}: circuit run")
-    c_logits, cache_circ = circuit_run(names=pat_names) if pat_names else circuit_run()
+    c_logits, cache_circ = circuit_run(model, batch, circuit, means, batch_size, names=pat_names)
     c = ioi_metrics(c_logits, batch.io, batch.s)
+    summary, per_prompt = _model_vs_circuit(batch, circuit, variant, m, c)
+    summary["restored"] = restored_paths(model, batch, circuit, variant, means, summary["model_ld"], batch_size,
+                                         progress)
+    attention = attention_table(batch, heads, cache_model, cache_circ)
+    example = _example_attention(batch, circuit, cache_model, cache_circ)
+    return summary, per_prompt, attention, example
+
+
+def circuit_run(model: Transformer, batch: Batch, circuit: dict, means: torch.Tensor, batch_size: int,
+                restore=None, names=()) -> tuple[torch.Tensor, dict]:
+    """END logits (and the cached ``names``) of the circuit: every head and position outside it
+    mean-ablated with ``means`` (per template), early heads kept at ``restore`` (:func:`keep_mask`)."""
+    spec = model.spec
+    keep = keep_mask(circuit, batch, spec.n_layers, spec.n_heads, restore)
+    return run_end_logits(model, batch.tokens, batch.pos["END"], batch_size=batch_size,
+                          cache_names=list(names) or None,
+                          hooks_fn=lambda sl: ablation_hooks(model, keep[sl], means, batch.template[sl]))
+
+
+def _model_vs_circuit(batch: Batch, circuit: dict, variant: str, m: dict, c: dict) -> tuple[dict, pd.DataFrame]:
+    """The summary (LDs, faithfulness, accuracy, by name order, size) and per-prompt LDs of the model
+    (metrics ``m``) and the circuit (``c``)."""
     order = pd.Series(batch.order)
     per_prompt = pd.DataFrame({
         "prompt": range(len(batch)), "order": batch.order, "template": batch.template.tolist(),
@@ -100,21 +133,31 @@ def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: s
         "by_order": {o: {"model_ld": per_prompt.model_ld[order == o].mean(),
                          "circuit_ld": per_prompt.circuit_ld[order == o].mean(),
                          "n": int((order == o).sum())} for o in ("ABBA", "BABA")},
-        "edges": len(count_edges(circuit)), "nodes": len(heads),
+        "edges": len(count_edges(circuit)), "nodes": len(circuit_heads(circuit)),
     }
+    return summary, per_prompt
 
+
+def restored_paths(model: Transformer, batch: Batch, circuit: dict, variant: str, means: torch.Tensor,
+                   model_ld: float, batch_size: int, progress: Callable[[str], None] = print) -> dict:
+    """Figure 5: the circuit's LD, faithfulness and edges with the early heads also kept at the other
+    name tokens (:data:`RESTORE_CONFIGS` of ``variant``; none for the base variant)."""
     restored = {}
     base_edges = count_edges(circuit)
     for name, tokens in RESTORE_CONFIGS.get(variant, {}).items():
         progress(f"{variant}: restored paths '{name}'")
-        r_logits, _ = circuit_run(restore=tokens)
+        r_logits, _ = circuit_run(model, batch, circuit, means, batch_size, restore=tokens)
         ld = logit_diff(r_logits, batch.io, batch.s).mean().item()
         present = [t for t in ("S2", "IO2", "IO3") if bool((batch.pos[t] >= 0).all())]
         edges = count_edges(circuit, present if tokens == "all" else tokens)
         restored[name] = {"ld": ld, "faithfulness": ld / model_ld, "edges": len(edges),
                           "edge_overlap_with_base": len(edges & base_edges) / len(edges) if edges else 0.0}
-    summary["restored"] = restored
+    return restored
 
+
+def attention_table(batch: Batch, heads: dict, cache_model: dict, cache_circ: dict) -> pd.DataFrame:
+    """Per prompt and circuit head (``heads``: head → class), in the model and the circuit run: the
+    attention to the correct and to the incorrect tokens of the head's class (:data:`ATTENTION_ROLES`)."""
     rows = []
     for (l, h), cls in heads.items():
         q_role, good, bad = ATTENTION_ROLES[cls]
@@ -124,19 +167,23 @@ def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: s
             a_bad = _attention(pat, batch, q_role, bad, first_only=True)
             for i in range(len(batch)):
                 rows.append((i, batch.order[i], f"{l}.{h}", l, h, cls, run, a_good[i].item(), a_bad[i].item()))
-    attention = pd.DataFrame(rows, columns=["prompt", "order", "head", "layer", "head_index", "class", "run",
-                                            "attn_correct", "attn_incorrect"])
+    return pd.DataFrame(rows, columns=["prompt", "order", "head", "layer", "head_index", "class", "run",
+                                       "attn_correct", "attn_incorrect"])
+
+
+def _example_attention(batch: Batch, circuit: dict, cache_model: dict, cache_circ: dict) -> dict:
+    """END's attention of the first S-inhibition head on the first prompt, in model and circuit."""
     example = {}
     s_inh = circuit["classes"].get("s_inhibition", [])
     if s_inh:
         l, h = s_inh[0]
-        q = int(end[0])
+        q = int(batch.pos["END"][0])
         example = {"head": f"{l}.{h}", "prompt": 0, "query": "END",
                    "tokens": batch.tokens[0, : q + 1].tolist(),
                    "model": cache_model[f"blocks.{l}.attn.hook_pattern"][0, h, q, : q + 1].tolist(),
                    "circuit": cache_circ[f"blocks.{l}.attn.hook_pattern"][0, h, q, : q + 1].tolist(),
                    "positions": {r: int(batch.pos[r][0]) for r in batch.pos}}
-    return summary, per_prompt, attention, example
+    return example
 
 
 def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: str, cfg: dict,
@@ -180,6 +227,19 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
          "attribution_pct": 100 * attr[i].item() / ld0, "effect_pct": exact.get(i)}
         for i, (l, h) in enumerate(senders)
     ])
+
+
+def value_paths_by_variant(model: Transformer, batches: dict[str, Batch], circuit: dict, cfg: dict,
+                           progress: Callable[[str], None] = print) -> pd.DataFrame:
+    """:func:`value_paths` of every variant (``batches``: variant → prompts), from S2 and, for
+    ``double_io``, from IO2 too; one table with a ``variant`` column."""
+    frames = []
+    for variant, batch in batches.items():
+        for role in (["S2", "IO2"] if variant == "double_io" else ["S2"]):
+            df = value_paths(model, batch, circuit, role, cfg, progress=progress)
+            df.insert(0, "variant", variant)
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
 
 
 def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
@@ -228,3 +288,37 @@ def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
                "agreement_end": E.rank_agreement(attr_end, exact_end, top_k),
                "agreement_all_positions": E.rank_agreement(attr_all, exact_all, top_k)}
     return frame, summary
+
+
+# --------------------------------------------------------------------------------------- metrics
+EVAL_KEYS = ("model_ld", "circuit_ld", "faithfulness", "accuracy", "p_io", "n")
+
+
+def study_metrics(circuit: dict, evals: dict[str, dict], manifest: dict, n_prompts: int, ablation: dict) -> dict:
+    """``metrics.json`` of Study A: the circuit, and per variant (``evals``: variant → the summary of
+    :func:`evaluate_variant`) model vs circuit, the restored paths and the Table 2 row."""
+    return {
+        "model": circuit["model"],
+        "model_description": manifest["description"],
+        "n_prompts": n_prompts,
+        "circuit_method": circuit["method"],
+        "ablation": ablation,
+        "variants": {v: {k: e[k] for k in EVAL_KEYS} for v, e in evals.items()},
+        "circuit": {"n_heads": circuit["n_heads"], "source": circuit["source"], "classes": circuit["classes"]},
+        "restored": {v: {k: r["ld"] for k, r in e["restored"].items()} for v, e in evals.items() if e["restored"]},
+        "restored_faithfulness": {v: {k: r["faithfulness"] for k, r in e["restored"].items()}
+                                  for v, e in evals.items() if e["restored"]},
+        "table2": {v: table2_row(v, e) for v, e in evals.items()},
+        "by_order": {v: e["by_order"] for v, e in evals.items()},
+    }
+
+
+def table2_row(variant: str, e: dict) -> dict:
+    """Table 2: the circuit with the IO-duplicate paths added (all name tokens restored)."""
+    key = {"double_io": "s2_io2", "triple_io": "s2_io2_io3"}.get(variant)
+    if key is None:
+        return {"nodes": e["nodes"], "edges": e["edges"], "edge_overlap": 1.0, "model_ld": e["model_ld"],
+                "circuit_ld": e["circuit_ld"], "faithfulness": e["faithfulness"]}
+    r = e["restored"][key]
+    return {"nodes": e["nodes"], "edges": r["edges"], "edge_overlap": r["edge_overlap_with_base"],
+            "model_ld": e["model_ld"], "circuit_ld": r["ld"], "faithfulness": r["faithfulness"]}

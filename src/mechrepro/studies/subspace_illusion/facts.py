@@ -190,6 +190,17 @@ def check_pairs(pairs: list[dict], facts: list[dict], min_pairs: int, model: str
         "facts.min_pairs, or (for a random test model only) set facts.require_correct: false")
 
 
+def count_correct(facts: list[dict]) -> tuple[int, dict[str, dict[str, int]]]:
+    """The number of facts the model answers correctly, and ``{relation: {"n", "correct"}}``."""
+    n_correct = sum(f["correct"] for f in facts)
+    by_rel: dict[str, dict[str, int]] = {}
+    for f in facts:
+        r = by_rel.setdefault(f["relation"], {"n": 0, "correct": 0})
+        r["n"] += 1
+        r["correct"] += int(f["correct"])
+    return n_correct, by_rel
+
+
 @dataclass
 class PairBatch:
     """Token tensors and positions of the base and source prompts of ``n`` pairs."""

@@ -509,3 +509,53 @@ def dormant_pathway(model: Transformer, cache: SiteCache, batch: PairBatch, dirs
                             "value": (mlp_out(model, cache.layer, post) @ direction).cpu().numpy()})
               for c, post in conds.items()]
     return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------------ the summaries
+def das_summary(site_name: str, site: dict, model_name: str, cfg: dict, cache: SiteCache, batch: PairBatch,
+                history: list[float], ld: Tensor, top: Tensor, timings: dict) -> dict:
+    """The record of one DAS run (``das/{site}.json``): the site, the training settings (``cfg``:
+    ``subspace_ioi``) and loss curve, and the learned direction's FLDD and interchange accuracy on
+    the training pairs (``ld``, ``top``: :func:`patched` along it)."""
+    layer = site["layer"]
+    return {
+        "site": site_name, "layer": layer, "layer_rule": site["rule"], "model": model_name,
+        "hook": f"blocks.{layer}.mlp.hook_post" if site_name == "mlp" else f"blocks.{layer}.hook_resid_post",
+        "dim": int(site_pair(cache, site_name)[0].shape[1]), "n_train": len(batch),
+        "lr": cfg["lr"], "epochs": cfg["epochs"], "batch": cfg["batch"], "steps": len(history),
+        "loss_first": history[0], "loss_last": history[-1], "loss": history,
+        "train_fldd": S.fldd(ld, cache.clean_ld),
+        "train_interchange_acc": float((top == batch.expected).float().mean()),
+        "timings": timings,
+    }
+
+
+def eval_summary(model_name: str, model_description: str, site: dict, n_train: int, cache: SiteCache,
+                 test: PairBatch, dirs: dict[str, Tensor], parts: dict, timings: dict) -> dict:
+    """``ioi.json``'s ``ioi``: the site, the clean run on the test pairs, the directions' agreement
+    (``|cos|``: a direction and its negative give the same patch) and null-space norms (``parts``:
+    :func:`decompose_all`) against a random direction's, the dimensions and the Table 1 rows."""
+    import torch.nn.functional as F
+
+    layer = site["layer"]
+    v_grad, v_mean = dirs["v_grad"], dirs["v_mean"]
+    Q_res = parts["Q"]["resid"]
+    dim, rdim = parts["dim"], parts["rowspace_dim"]
+    clean_correct = (cache.clean_top == test.io).float()
+    return {
+        "model": model_name, "model_description": model_description,
+        "layer": layer, "layer_rule": site["rule"], "s_inhibition": site["s_inhibition"],
+        "name_movers": site["name_movers"], "n_train": n_train, "n_test": len(test),
+        "sites": {"mlp": f"blocks.{layer}.mlp.hook_post", "resid": f"blocks.{layer}.hook_resid_post"},
+        "clean_ld": float(cache.clean_ld.mean()), "clean_acc": float(clean_correct.mean()),
+        "clean_ld_by_order": {o: float(cache.clean_ld[test.is_abb == (o == "ABB")].mean()) for o in ORDERS},
+        "cos": {"v_resid_v_grad": abs(float(F.cosine_similarity(dirs["v_resid"], v_grad, dim=0))),
+                "v_resid_v_mean": abs(float(F.cosine_similarity(dirs["v_resid"], v_mean, dim=0))),
+                "v_grad_v_mean": abs(float(F.cosine_similarity(v_grad, v_mean, dim=0)))},
+        "null_norm": {**parts["null_norm"], "v_grad": null_norm(v_grad, Q_res), "v_mean": null_norm(v_mean, Q_res)},
+        "random_null_norm": {"mlp": S.random_null_norm(dim["mlp"], rdim["mlp"]),
+                             "resid": S.random_null_norm(dim["resid"], rdim["resid"])},
+        "dim": dim, "rowspace_dim": rdim,
+        "rows": {row: {"site": s, "direction": k or "full"} for row, (s, k) in TABLE1_ROWS.items()},
+        "timings": timings,
+    }

