@@ -27,7 +27,9 @@ FIGURES = {
     "accuracy_table": Figure("Analysis 1, accuracy per label set",
                              _files("metrics.json", "organism.json", per_label_set="accuracy/{s}.json")),
     "dla": Figure("Analysis 2, direct logit attribution", _files("metrics.json", "dla.csv", "dla.json")),
-    "patching": Figure("Analysis 3, activation patching", _files("metrics.json", "patching.csv", "patching.json")),
+    # patching: the points are coloured by head category (heads.csv)
+    "patching": Figure("Analysis 3, activation patching",
+                       _files("metrics.json", "patching.csv", "patching.json", "heads.csv")),
     "head_categories": Figure("Analysis 4, head categories", _files("metrics.json", "heads.csv", "heads.json")),
     "low_rank": Figure("Analysis 5, low-rank q/k/v", _files("metrics.json", "low_rank.json", "low_rank_keys.csv")),
     "fig11_mutations": Figure("Figure 11, label mutations",

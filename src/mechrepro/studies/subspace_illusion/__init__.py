@@ -29,10 +29,10 @@ def _manifest(config: dict) -> str:
 
 
 def _facts_inputs(summary: str, per_layer: str | None, reference: bool):
-    """The facts figures: the dataset, one summary, optionally the per-layer CSVs, the model's manifest
-    (its number of layers) and the paper's curves."""
+    """The facts figures: the dataset (model, filtering), one summary, optionally the per-layer CSVs,
+    the model's manifest (its description and number of layers) and the paper's curves."""
     def inputs(config: dict) -> list[str]:
-        files = [f"{B}/facts/data.json", f"{B}/facts.json", f"{B}/rome.json", _manifest(config)]
+        files = [f"{B}/facts/data.json", f"{B}/{summary}", _manifest(config)]
         if per_layer:
             files += [f"{B}/{per_layer}/layer{layer}.csv" for layer in config["facts"]["layers"]]
         return files + ([REFERENCE] if reference else [])
