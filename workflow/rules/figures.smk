@@ -1,6 +1,7 @@
 # One rule draws every figure of every study: papermill runs notebooks/{study}/{fig}.ipynb, which
-# only reads the figure's declared inputs (mechrepro.studies: Figure.inputs) and draws; then the
-# rule writes a provenance sidecar for each output (the notebook does not know the rule's inputs).
+# reads only the figure's declared inputs (mechrepro.studies: Figure.inputs; passed to the notebook
+# as `inputs`, its Artifacts refuse any other file) and draws; then the rule writes a provenance
+# sidecar for each output.
 import json
 
 from mechrepro.workflow.figures import FIGURE_LIB
@@ -12,10 +13,11 @@ wildcard_constraints:
 
 
 def _notebook_params(w):
-    """Notebook parameters: the dpi and the figure's own config keys (by their parameter names)."""
+    """Notebook parameters: the dpi, the figure's own config keys (by their parameter names) and its
+    declared inputs (relative to the workflow directory: the same in a copy of it)."""
     keys = rule_config("figure", config, w)
     names = {"figures.dpi": "dpi", **STUDIES[w.study].figures[w.fig].params}
-    return json.dumps({names[k]: v for k, v in keys.items()})
+    return json.dumps({**{names[k]: v for k, v in keys.items()}, "inputs": figure_inputs(w.study, w.fig, config)})
 
 
 rule figure:
@@ -48,11 +50,9 @@ rule figure:
     conda:
         ENV
     shell:
-        # absolute paths made by the shell: as params they would differ in a copy of the workflow
-        # directory and rerun the figures
+        # the workflow directory made absolute by the shell: as a param it would differ in a copy of
+        # the workflow directory and rerun the figures
         "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
-        '-p results_dir "$PWD/results/{wildcards.study}" -p figures_dir "$PWD/figures/{wildcards.study}" '
-        '-p fig_name {wildcards.fig} -p reference_file "$PWD/reference/published.yaml" '
-        "-y {params.nb:q} > {log} 2>&1 && "
+        '-p root "$PWD" -p fig_name {wildcards.fig} -y {params.nb:q} > {log} 2>&1 && '
         "python -m mechrepro record figure --config {params.cfg_json:q} --inputs {input:q} "
         "--outputs {output.png:q} {output.csv:q} {output.notebook:q} >> {log} 2>&1"

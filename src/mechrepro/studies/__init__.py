@@ -9,7 +9,8 @@ its scorecard entries and its report caption. The subpackage also holds the stud
 * ``workflow/rules/<name>.smk``: the study's Snakemake rules (the Snakefile includes every
   study's file; figures share the generic ``figure`` rule of ``workflow/rules/figures.smk``);
 * ``workflow/schemas/<name>.schema.yaml``: the config sections the study owns;
-* ``notebooks/<name>/<figure>.ipynb``: one notebook per figure;
+* ``notebooks/<name>/<figure>.ipynb``: one notebook per figure, the figure's editable source
+  (stored without outputs; see :mod:`mechrepro.workflow.figures` for its shape);
 * ``results/<name>/``, ``figures/<name>/``: its artifacts and figures, ``results/<name>/metrics.json``
   its metrics;
 * its entries in ``reference/published.yaml`` and its section of ``config/smoke.yaml``.
@@ -43,8 +44,9 @@ class Figure:
     """One figure notebook of a study: ``notebooks/<study>/<name>.ipynb`` → ``figures/<study>/<name>.png``.
 
     ``inputs(config)`` lists, relative to the workflow directory, every file the notebook reads
-    (the figure rule's inputs: a change to any of them, and to nothing else, redraws it; the
-    notebook may read nothing else). ``params`` maps config keys the figure reads to notebook
+    (the figure rule's inputs: a change to any of them, and to nothing else, redraws it). The rule
+    passes the list to the notebook, whose :class:`mechrepro.workflow.figures.Artifacts` refuse to
+    read any other file. ``params`` maps config keys the figure reads to notebook
     parameter names. ``enabled(config)`` is False when the configuration cannot draw the figure
     (e.g. Study A's attention figures need the DoubleIO variant).
     """

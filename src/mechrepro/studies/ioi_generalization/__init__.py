@@ -48,19 +48,48 @@ FIGURES = {
 }
 
 
+# Figures that evaluate the circuit with everything else ablated (the others patch paths or heads).
+ABLATION_FIGURES = ("table1_faithfulness", "fig2_attention_shift", "fig3_sinh_attention", "fig4_confidence_ratio",
+                    "fig5_restored_paths", "fig8_name_order")
+
+
+def _circuit_text(config: dict) -> str:
+    c = config["circuit"]
+    source = c["source"]
+    if source == "auto":
+        source = "reference" if config["model"]["name"] == "gpt2" else "discover"
+    if source == "reference":
+        return "Circuit: Wang et al.'s published GPT-2 small circuit (no discovery)."
+    how = (f"senders ranked by attribution patching, the top {c['confirm_top_k']} confirmed exactly"
+           if c["method"] == "attribution" else "every sender patched exactly")
+    return f"Circuit: discovered by path patching on {c['n_prompts']} base prompts ({how})."
+
+
+def _n_text(config: dict, fig: str) -> str:
+    n = config["ioi"]["n_prompts"]
+    if fig == "circuit_discovery":
+        return f"N = {config['circuit']['n_prompts']} base prompts for discovery."
+    if fig == "fig4_confidence_ratio":
+        return f"N = the first {config['figures']['n_attention_samples']} DoubleIO prompts."
+    if fig == "fig6_value_paths":
+        return f"N = the first {min(n, config['value_paths']['n_prompts'])} prompts of each variant."
+    if fig == "head_patching_attribution":
+        return f"N = {config['head_patching']['n_prompts']} base prompts."
+    return f"N = {n} prompts per variant (ABBA/BABA balanced)."
+
+
 def caption(config: dict, fig: str) -> str:
-    """The report caption of one figure (reStructuredText)."""
-    name, c = config["model"]["name"], config["circuit"]
+    """The report caption of one figure (reStructuredText): model, N and the circuit and ablation
+    settings the figure depends on."""
+    name = config["model"]["name"]
     model = f"Model: ``{name}``" + (f" {SMOLLM2_NOTE}" if name == "smollm2-135m" else "") + "."
-    return "\n".join([
-        f"Study A figure ``{fig}`` (Nainani et al. 2024, {FIGURES[fig].paper}). {model}",
-        f"N = {config['ioi']['n_prompts']} prompts per variant (ABBA/BABA balanced).",
-        f"Circuit: {c['source']} (discovery by path patching ranked with {c['method']} patching, top "
-        f"{c['confirm_top_k']} confirmed exactly, on {c['n_prompts']} base prompts).",
-        f"Ablation: {config['ablation']['kind']} ablation of every head and position outside the circuit, means over "
-        "the variant's ABC prompts per template.",
-        "The plotted numbers are in the CSV beside the PNG.",
-    ])
+    lines = [f"Study A figure ``{fig}`` (Nainani et al. 2024, {FIGURES[fig].paper}). {model}", _n_text(config, fig)]
+    if fig != "head_patching_attribution":
+        lines.append(_circuit_text(config))
+    if fig in ABLATION_FIGURES:
+        lines.append(f"Ablation: {config['ablation']['kind']} ablation of every head and position outside the circuit, "
+                     "means over the variant's ABC prompts per template.")
+    return "\n".join(lines + ["The plotted numbers are in the CSV beside the PNG."])
 
 
 def check_config(config: dict, root: str) -> None:

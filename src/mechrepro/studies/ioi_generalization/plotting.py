@@ -2,8 +2,9 @@
 
 The notebooks only read artifacts and draw; everything longer than a few lines lives here:
 
-* :func:`load` — the artifacts of one results directory (missing per-variant files give empty
-  tables, so a figure can still be drawn with a "no data" panel);
+* :func:`load` — the artifacts one figure reads (:class:`Artifacts`, lazily, checked against the
+  figure's declared inputs; missing per-variant files give empty tables, so a figure can still be
+  drawn with a "no data" panel);
 * :func:`caption` / :func:`add_caption` — the caption under every figure: model (its recorded
   description), N, circuit and ablation choices;
 * one ``*_data`` function per figure that builds the tidy table of plotted numbers, and one
@@ -13,8 +14,6 @@ The notebooks only read artifacts and draw; everything longer than a few lines l
 
 from __future__ import annotations
 
-import math
-import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +26,7 @@ import pandas as pd  # noqa: E402
 from matplotlib import patheffects  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from mechrepro.workflow.artifacts import read_json  # noqa: E402
+from mechrepro.workflow import figures  # noqa: E402
 from mechrepro.workflow.figures import add_caption, fmt_num, no_data, save, sem, suptitle  # noqa: E402,F401
 
 VARIANTS = ("base", "double_io", "triple_io")
@@ -69,22 +68,11 @@ VALUE_PATH_COLUMNS = ["variant", "source", "layer", "head", "class", "attributio
 # Loading
 
 
-def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
-    if not path.exists():
-        return pd.DataFrame(columns=columns)
-    frame = pd.read_csv(path)
-    for c in columns:
-        if c not in frame.columns:
-            frame[c] = np.nan
-    return frame
+class Artifacts(figures.Artifacts):
+    """The Study A artifacts one figure reads (``results/ioi_generalization``); missing per-variant
+    files give empty tables."""
 
-
-class Artifacts:
-    """The Study A artifacts under one results directory (``results/ioi_generalization``)."""
-
-    def __init__(self, results_dir: str | Path):
-        self.root = Path(results_dir)
-        self.metrics = read_json(self.root / "metrics.json")
+    study = "ioi_generalization"
 
     @property
     def variants(self) -> list[str]:
@@ -93,38 +81,24 @@ class Artifacts:
         return [v for v in VARIANTS if v in have] + [v for v in have if v not in VARIANTS]
 
     def circuit(self) -> dict:
-        path = self.root / "circuit.json"
-        return read_json(path) if path.exists() else {"classes": self.metrics.get("circuit", {}).get("classes", {})}
+        if self.exists("circuit.json"):
+            return self.json("circuit.json")
+        return {"classes": self.metrics.get("circuit", {}).get("classes", {})}
 
     def eval(self, variant: str) -> dict:
-        path = self.root / "eval" / f"{variant}.json"
-        return read_json(path) if path.exists() else {}
+        return self.json(f"eval/{variant}.json", default={})
 
     def attention(self, variant: str) -> pd.DataFrame:
-        return _read_csv(self.root / "eval" / f"{variant}_attention.csv", ATTENTION_COLUMNS)
+        return self.csv(f"eval/{variant}_attention.csv", ATTENTION_COLUMNS)
 
     def prompts(self, variant: str) -> pd.DataFrame:
-        return _read_csv(self.root / "eval" / f"{variant}_prompts.csv", PROMPT_COLUMNS)
+        return self.csv(f"eval/{variant}_prompts.csv", PROMPT_COLUMNS)
 
     def scores(self) -> pd.DataFrame:
-        return _read_csv(self.root / "circuit_scores.csv", SCORE_COLUMNS)
+        return self.csv("circuit_scores.csv", SCORE_COLUMNS)
 
     def value_paths(self) -> pd.DataFrame:
-        return _read_csv(self.root / "value_paths.csv", VALUE_PATH_COLUMNS)
-
-    def config(self, artifact: str, key: str, default=None):
-        """A config value recorded in the provenance sidecar of ``artifact`` (e.g. 'value_paths.csv')."""
-        path = self.root / f"{artifact}.prov.json"
-        if not path.exists():
-            return default
-        node = read_json(path).get("config", {})
-        if key in node:
-            return node[key]
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return self.csv("value_paths.csv", VALUE_PATH_COLUMNS)
 
     def head_classes(self) -> dict[tuple[int, int], list[str]]:
         """(layer, head) -> every class the head is listed in (in :data:`CLASSES` order)."""
@@ -136,9 +110,10 @@ class Artifacts:
         return out
 
 
-def load(results_dir: str | Path) -> Artifacts:
-    """The artifacts of ``results_dir``; ``metrics.json`` must exist, the rest may be missing."""
-    return Artifacts(results_dir)
+def load(root: str | Path = ".", fig_name: str | None = None, inputs: list[str] | None = None) -> Artifacts:
+    """The artifacts of one figure under the workflow directory ``root``; with ``inputs``, reading any
+    other file raises :class:`~mechrepro.workflow.figures.UndeclaredInputError`."""
+    return Artifacts(root, fig_name, inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +137,10 @@ def describe_circuit(metrics: dict) -> str:
             + (f"; {how})" if how else ")"))
 
 
-def caption(metrics: dict, n: int | str | None = None, circuit: bool = True, note: str = "") -> str:
-    """Caption text: model description, N, and (for circuit figures) circuit method and ablation."""
+def caption(art: Artifacts, n: int | str | None = None, note: str = "", *, circuit: bool = True) -> str:
+    """Caption text: model description, N (default: the prompts per variant), and (for circuit figures,
+    ``circuit=True``) circuit method and ablation, then ``note``."""
+    metrics = art.metrics
     n_text = f"N = {metrics.get('n_prompts', '?')} prompts per variant (ABBA/BABA balanced)" if n is None \
         else f"N = {n}"
     parts = [f"Model: {metrics.get('model_description') or metrics.get('model', '?')}.", f"{n_text}."]
@@ -346,13 +323,15 @@ def attention_shift_data(art: Artifacts, variants=("double_io", "triple_io")) ->
     paired by prompt index (the variants share names, template and order per index)."""
     cols = ["variant", "head", "layer", "head_index", "class", "run", "base_attn", "variant_attn", "change",
             "change_sem", "n"]
-    base = art.attention("base")
+    # only the configured variants (the figure's inputs): another variant's file is at best stale
+    configured = art.variants
+    base = art.attention("base") if "base" in configured else pd.DataFrame(columns=ATTENTION_COLUMNS)
     rows = []
     if base.empty:
         return pd.DataFrame(columns=cols)
     keys = ["prompt", "order", "head", "layer", "head_index", "class", "run"]
     for v in variants:
-        att = art.attention(v)
+        att = art.attention(v) if v in configured else pd.DataFrame(columns=ATTENTION_COLUMNS)
         if att.empty:
             continue
         m = base[keys + ["attn_correct"]].merge(att[keys + ["attn_correct"]], on=keys, suffixes=("_base", "_var"))
@@ -668,7 +647,7 @@ def value_paths_data(art: Artifacts, groups=VALUE_PATH_GROUPS) -> pd.DataFrame:
 
 def value_paths_n(art: Artifacts) -> str:
     """N of Figure 6: the first value_paths.n_prompts prompts of each variant."""
-    n_cfg, n_all = art.config("value_paths.csv", "value_paths.n_prompts"), art.metrics.get("n_prompts")
+    n_cfg, n_all = art.recorded_config("value_paths.csv", "value_paths.n_prompts"), art.metrics.get("n_prompts")
     n = min(n_cfg, n_all) if n_cfg is not None and n_all is not None else (n_cfg or n_all or "?")
     return f"{n} prompts per variant (the first value_paths.n_prompts of each variant's dataset)"
 
@@ -766,13 +745,12 @@ def plot_name_order(data: pd.DataFrame):
 
 def head_patching_data(art: Artifacts) -> pd.DataFrame:
     """Per head: exact and attribution effects (END only and all positions), relative LD change."""
-    return _read_csv(art.root / "head_patching.csv",
-                     ["layer", "head", "exact_end", "attribution_end", "exact_all", "attribution_all"])
+    return art.csv("head_patching.csv", ["layer", "head", "exact_end", "attribution_end", "exact_all",
+                                         "attribution_all"])
 
 
 def head_patching_summary(art: Artifacts) -> dict:
-    path = art.root / "head_patching.json"
-    return read_json(path) if path.exists() else {}
+    return art.json("head_patching.json", default={})
 
 
 def plot_head_patching(data: pd.DataFrame, summary: dict):

@@ -27,7 +27,9 @@ FIGURES = {
     "accuracy_table": Figure("Analysis 1, accuracy per label set",
                              _files("metrics.json", "organism.json", per_label_set="accuracy/{s}.json")),
     "dla": Figure("Analysis 2, direct logit attribution", _files("metrics.json", "dla.csv", "dla.json")),
-    "patching": Figure("Analysis 3, activation patching", _files("metrics.json", "patching.csv", "patching.json")),
+    # patching: the points are coloured by head category (heads.csv)
+    "patching": Figure("Analysis 3, activation patching",
+                       _files("metrics.json", "patching.csv", "patching.json", "heads.csv")),
     "head_categories": Figure("Analysis 4, head categories", _files("metrics.json", "heads.csv", "heads.json")),
     "low_rank": Figure("Analysis 5, low-rank q/k/v", _files("metrics.json", "low_rank.json", "low_rank_keys.csv")),
     "fig11_mutations": Figure("Figure 11, label mutations",
@@ -36,16 +38,18 @@ FIGURES = {
 
 
 def caption(config: dict, fig: str) -> str:
-    """The report caption of one figure (reStructuredText)."""
+    """The report caption of one figure (reStructuredText): model, N and the label sets."""
     m = config["mcq"]
     model = ("the model organism trained by this workflow (not the paper's Chinchilla 70B, which is closed)"
              if m["model"] == "organism" else f"``{m['model']}``")
-    return "\n".join([
-        f"Study C figure ``{fig}`` (Lieberum et al. 2023, {FIGURES[fig].paper}). Model: {model}.",
-        f"{m['n_items']} questions per label set ({', '.join(m['label_sets'])}); analyses on at most "
-        f"{m['n_analysis']} correctly answered ABCD questions.",
-        "The plotted numbers are in the CSV beside the PNG.",
-    ])
+    sets = ", ".join(f"``{s}``" for s in m["label_sets"])
+    analysis = f"at most {m['n_analysis']} of the normal-label (ABCD) questions the model answers correctly"
+    n = {"accuracy_table": f"N = {m['n_items']} questions per label set ({sets}).",
+         "low_rank": f"N = {analysis}, half to fit the projections and half to test them.",
+         "fig11_mutations": f"N = the questions of each label set ({sets}) whose normal-label version the model "
+                            f"answers correctly (of {m['n_items']})."}.get(fig, f"N = {analysis}.")
+    return "\n".join([f"Study C figure ``{fig}`` (Lieberum et al. 2023, {FIGURES[fig].paper}). Model: {model}.", n,
+                      "The plotted numbers are in the CSV beside the PNG."])
 
 
 STUDY = Study(

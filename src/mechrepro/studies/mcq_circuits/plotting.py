@@ -1,13 +1,13 @@
 """Figures of Study C (multiple-choice circuits): data tables and plots for the notebooks.
 
 Each figure has a ``*_data`` function (the table of plotted numbers, saved as the figure's CSV)
-and a ``plot_*`` function. Notebooks under ``notebooks/mcq_circuits/`` call them; they only read
-the artifacts of ``results/mcq_circuits``.
+and a ``plot_*`` function. Notebooks under ``notebooks/mcq_circuits/`` call them with the figure's
+:class:`Artifacts` (:func:`load`: read lazily, only the figure's declared inputs) and put
+:func:`caption` under the figure.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechrepro.workflow import figures  # noqa: E402
 from mechrepro.workflow.figures import add_caption, no_data, save, suptitle  # noqa: E402,F401
 
 PAPER = ("Lieberum et al. 2023, Does Circuit Analysis Interpretability Scale? Evidence from Multiple Choice "
@@ -28,32 +29,23 @@ CATEGORY_COLORS = {"correct-letter": "#d62728", "content-gatherer": "#1f77b4", "
                    "uniform": "#2ca02c", "amplification": "#9467bd", "other": "#c7c7c7", "mlp": "#8c564b"}
 
 
-class Artifacts:
-    """Lazy access to the artifacts of ``results/mcq_circuits``."""
+class Artifacts(figures.Artifacts):
+    """The Study C artifacts one figure reads (``results/mcq_circuits``), lazily."""
 
-    def __init__(self, results_dir: str | Path):
-        self.dir = Path(results_dir)
-        self.metrics = self._json("metrics.json")
-
-    def _json(self, name: str) -> dict:
-        return json.loads((self.dir / name).read_text())
-
-    def json(self, name: str) -> dict:
-        return self._json(name)
-
-    def csv(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.dir / name)
+    study = "mcq_circuits"
 
     @property
     def label_sets(self) -> list[str]:
         return list(self.metrics["label_sets"])
 
 
-def load(results_dir: str | Path) -> Artifacts:
-    return Artifacts(results_dir)
+def load(root: str | Path = ".", fig_name: str | None = None, inputs: list[str] | None = None) -> Artifacts:
+    """The artifacts of one figure under the workflow directory ``root``; with ``inputs``, reading any
+    other file raises :class:`~mechrepro.workflow.figures.UndeclaredInputError`."""
+    return Artifacts(root, fig_name, inputs)
 
 
-def caption(art: Artifacts, n: str, note: str = "") -> str:
+def caption(art: Artifacts, n: int | str | None = None, note: str = "") -> str:
     """Model (with its training / quantisation notes), N and a note."""
     m = art.metrics
     parts = [f"Model: {m.get('model_description', m.get('model'))}."]
@@ -62,17 +54,16 @@ def caption(art: Artifacts, n: str, note: str = "") -> str:
                      "on synthetic questions.")
     if "Q4_1" in str(m.get("model_description", "")):
         parts.append("Weights are a Q4_1-quantised copy and differ from the original checkpoint.")
-    parts.append(f"N = {n}.")
+    if n is not None:
+        parts.append(f"N = {n}.")
     if note:
         parts.append(note)
     return " ".join(parts)
 
 
 def _trained_sets(art: Artifacts) -> list[str]:
-    try:
-        return art.json("organism.json")["config"]["train_label_sets"]
-    except (KeyError, FileNotFoundError):
-        return []
+    """The label sets the organism was trained on (none for a pretrained model)."""
+    return (art.json("organism.json", default={}).get("config") or {}).get("train_label_sets", [])
 
 
 # ------------------------------------------------------------------------------ accuracy table

@@ -30,10 +30,10 @@ def _manifest(config: dict) -> str:
 
 
 def _facts_inputs(summary: str, per_layer: str | None, reference: bool):
-    """The facts figures: the dataset, one summary, optionally the per-layer CSVs, the model's manifest
-    (its number of layers) and the paper's curves."""
+    """The facts figures: the dataset (model, filtering), one summary, optionally the per-layer CSVs,
+    the model's manifest (its description and number of layers) and the paper's curves."""
     def inputs(config: dict) -> list[str]:
-        files = [f"{B}/facts/data.json", f"{B}/facts.json", f"{B}/rome.json", _manifest(config)]
+        files = [f"{B}/facts/data.json", f"{B}/{summary}", _manifest(config)]
         if per_layer:
             files += [f"{B}/{per_layer}/layer{layer}.csv" for layer in config["facts"]["layers"]]
         return files + ([REFERENCE] if reference else [])
@@ -52,7 +52,8 @@ FIGURES = {
 
 
 def caption(config: dict, fig: str) -> str:
-    """The report caption of one figure (reStructuredText)."""
+    """The report caption of one figure (reStructuredText): the part of the study it belongs to, the
+    model and the settings of that part."""
     name = config["model"]["name"]
     model = f"Model: ``{name}``" + (f" {SMOLLM2_NOTE}" if name == "smollm2-135m" else "") + "."
     head = f"Study B figure ``{fig}`` (Makelov, Lange & Nanda 2023, {FIGURES[fig].paper})."
@@ -61,15 +62,18 @@ def caption(config: dict, fig: str) -> str:
     elif fig in FACTS_FIGURES:
         f, r = config["facts"], config["rome"]
         known = ", both answered correctly by the model" if f["require_correct"] else ""
-        lines = [head, model,
-                 f"{f['n_pairs']} fact pairs (same relation, different objects{known}), layers {f['layers']};",
-                 f"{r['n_pairs']} ROME edits per layer; key statistic from {r['corpus_tokens']} tokens of "
-                 f"``{r['corpus']}``."]
+        lines = [head, model, f"Up to {f['n_pairs']} fact pairs (same relation, different objects{known}); layers "
+                              f"{', '.join(map(str, f['layers']))}."]
+        if fig == "rome_rewrite":
+            lines.append(f"{r['n_pairs']} ROME edits per layer.")
+        if fig != "facts_null_norm":
+            lines.append(f"Key statistic (the MLP keys' second moment) from {r['corpus_tokens']} tokens of "
+                         f"``{r['corpus']}``.")
     else:
-        s = config["subspace_ioi"]
-        lines = [head, model,
-                 f"Site layer: ``{config['subspace']['layer']}`` (auto: the last S-inhibition layer of Study A's "
-                 "circuit, below the first name-mover layer), END position.",
+        s, layer = config["subspace_ioi"], config["subspace"]["layer"]
+        site = ("chosen automatically (the last S-inhibition layer of Study A's circuit, below the first name-mover "
+                "layer)" if layer == "auto" else f"``{layer}`` (set in the configuration)")
+        lines = [head, model, f"Site: layer {site}, END position.",
                  f"{s['n_train']} training pairs (templates T0-T1), {s['n_test']} held-out test pairs (template T2; "
                  "names, places and objects disjoint from training)."]
     return "\n".join(lines + ["The plotted numbers are in the CSV beside the PNG."])

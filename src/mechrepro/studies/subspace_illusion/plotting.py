@@ -1,13 +1,19 @@
-"""Figure helpers for Study B's toy and IOI notebooks (``notebooks/subspace_illusion/*.ipynb``).
+"""Figure helpers for Study B's notebooks (``notebooks/subspace_illusion/*.ipynb``).
 
-The notebooks only read artifacts of ``results/subspace_illusion`` and draw; the code is here:
-one ``*_data`` function per figure builds the table of plotted numbers (saved as the figure's
-CSV), one ``plot_*`` function draws it, :func:`caption` writes the caption (model description,
-N, site). Saving and caption placement reuse :mod:`mechrepro.studies.ioi_generalization.plotting`.
+The notebooks only read their declared artifacts and draw; the code is here: :func:`load` gives
+the figure's :class:`Artifacts` (read lazily), one ``*_data`` function per figure builds the table
+of plotted numbers (saved as the figure's CSV), one ``plot_*`` function draws it, and
+:func:`caption` writes the caption of each of the study's three parts: the Section 3 toy network
+(its weights), the IOI part (model description, site, N) and the factual-recall part (model, N).
+
+The factual-recall figures draw the paper's curves from ``reference/published.yaml`` (entry
+``study_b_facts``) against relative depth (layer / number of layers, from the model's manifest),
+since the default model has 30 layers and GPT2-XL 48.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 
-from mechrepro.workflow.artifacts import read_json  # noqa: E402
+from mechrepro.studies.subspace_illusion import FACTS_FIGURES  # noqa: E402
+from mechrepro.workflow import figures  # noqa: E402
 from mechrepro.workflow.figures import add_caption, fmt_num, no_data, save, suptitle  # noqa: E402,F401
 
 ROW_ORDER = ("full_mlp", "v_mlp", "v_mlp_row", "v_mlp_null", "full_resid", "v_resid", "v_resid_row", "v_resid_null",
@@ -47,38 +53,80 @@ PAPER = "Makelov, Lange & Nanda 2023"
 # Loading and captions
 
 
-class Artifacts:
-    """The Study B artifacts under ``results_dir`` (``results/subspace_illusion``)."""
+class Artifacts(figures.Artifacts):
+    """The Study B artifacts one figure reads (``results/subspace_illusion``), lazily; the facts
+    figures also read the dataset, a summary, the model's manifest and the paper's curves."""
 
-    def __init__(self, results_dir: str | Path):
-        self.root = Path(results_dir)
+    study = "subspace_illusion"
 
-    def json(self, name: str) -> dict:
-        return read_json(self.root / name)
+    @cached_property
+    def dataset(self) -> dict:
+        """The facts dataset (``facts/data.json``): model, description, facts and pairs."""
+        return self.json("facts/data.json")
 
-    def csv(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.root / name)
+    @cached_property
+    def facts(self) -> dict:
+        """Per layer: the 1-D patching summary (``facts.json``)."""
+        return self.json("facts.json")["facts"]
+
+    @cached_property
+    def rome(self) -> dict:
+        """Per layer: the ROME summary (``rome.json``)."""
+        return self.json("rome.json")["rome"]
+
+    def layer_csv(self, kind: str, layer: str) -> pd.DataFrame:
+        return self.csv(f"{kind}/layer{layer}.csv")
+
+    @cached_property
+    def model_manifest(self) -> dict:
+        """The manifest of the facts dataset's model (empty when missing)."""
+        return self.manifest(self.dataset.get("model", "?"), default={})
 
     @property
-    def metrics(self) -> dict:
-        return self.json("metrics.json")
+    def n_layers(self) -> int:
+        """Layers of the facts dataset's model (0 when its manifest is missing)."""
+        return self.model_manifest.get("spec", {}).get("n_layers") or 0
+
+    @property
+    def description(self) -> str:
+        """The model's recorded description."""
+        data = self.dataset
+        return self.model_manifest.get("description", data.get("model_description", data.get("model", "?")))
+
+    @property
+    def published(self) -> dict:
+        """The paper's factual-recall numbers (``reference/published.yaml``, entry ``study_b_facts``)."""
+        return self.reference("study_b_facts")
 
 
-def load(results_dir: str | Path) -> Artifacts:
-    return Artifacts(results_dir)
+def load(root: str | Path = ".", fig_name: str | None = None, inputs: list[str] | None = None) -> Artifacts:
+    """The artifacts of one figure under the workflow directory ``root``; with ``inputs``, reading any
+    other file raises :class:`~mechrepro.workflow.figures.UndeclaredInputError`."""
+    return Artifacts(root, fig_name, inputs)
 
 
-def caption(metrics: dict, note: str = "") -> str:
-    """Model (its recorded description), the site and N, then ``note``."""
+def caption(art: Artifacts, n: int | str | None = None, note: str = "") -> str:
+    """The caption of the figure ``art.figure``: the toy network's weights, or the IOI part's model,
+    site and N, or the factual-recall part's model and N (``n``: overrides the default N text);
+    then ``note``."""
+    if art.figure == "toy_example":
+        text = toy_caption(art.json("toy.json")["toy"])
+    elif art.figure in FACTS_FIGURES:
+        text = facts_caption(art, n)
+    else:
+        text = ioi_caption(art.metrics, n)
+    return text + (" " + note.strip() if note else "")
+
+
+def ioi_caption(metrics: dict, n: int | str | None = None) -> str:
+    """Model (its recorded description), the site and N."""
     ioi = metrics.get("ioi", {})
-    parts = [f"Model: {metrics.get('model_description') or metrics.get('model', '?')}.",
-             f"Site: layer {ioi.get('layer', '?')} ({ioi.get('layer_rule', '?')}), END position; name movers "
-             f"{', '.join(f'{l}.{h}' for l, h in ioi.get('name_movers', []))}.",
-             f"N = {ioi.get('n_test', '?')} held-out test pairs (template T2), directions learned on "
-             f"{ioi.get('n_train', '?')} training pairs (T0–T1; names, places and objects disjoint)."]
-    if note:
-        parts.append(note.strip())
-    return " ".join(parts)
+    n_text = (f"N = {ioi.get('n_test', '?')} held-out test pairs (template T2), directions learned on "
+              f"{ioi.get('n_train', '?')} training pairs (T0–T1; names, places and objects disjoint)."
+              if n is None else f"N = {n}.")
+    return " ".join([f"Model: {metrics.get('model_description') or metrics.get('model', '?')}.",
+                     f"Site: layer {ioi.get('layer', '?')} ({ioi.get('layer_rule', '?')}), END position; name movers "
+                     f"{', '.join(f'{l}.{h}' for l, h in ioi.get('name_movers', []))}.", n_text])
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,12 +201,9 @@ def toy_caption(toy: dict) -> str:
 # Table 1
 
 
-def _published(reference_file: str | Path) -> dict[str, dict[str, tuple[float, str]]]:
+def _published(art: Artifacts) -> dict[str, dict[str, tuple[float, str]]]:
     """``{row: {"fldd" | "interchange_acc": (value, "P" | "R")}}`` from ``reference/published.yaml``."""
-    path = Path(reference_file)
-    if not path.is_file():
-        return {}
-    entry = (yaml.safe_load(path.read_text()) or {}).get("study_b", {})
+    entry = art.reference("study_b")
     out: dict[str, dict[str, tuple[float, str]]] = {}
     for n in entry.get("numbers", []):
         parts = n["ours"].split(".")
@@ -178,13 +223,13 @@ def _bootstrap(frame: pd.DataFrame, row: str, n_boot: int = 1000, seed: int = 0)
     return (*np.percentile(fl, [2.5, 97.5]), *np.percentile(acc, [2.5, 97.5]))
 
 
-def table1_data(art: Artifacts, reference_file: str | Path) -> pd.DataFrame:
+def table1_data(art: Artifacts) -> pd.DataFrame:
     """Table 1: our FLDD and interchange accuracy per row (with bootstrap 95% intervals over the test
     pairs) beside the published numbers ([P] paper, [R] authors' repository)."""
     metrics = art.metrics
     table = metrics.get("ioi_table1", {})
     pairs = art.csv("ioi_pairs.csv")
-    pub = _published(reference_file)
+    pub = _published(art)
     rows = []
     for row in ROW_ORDER:
         if row not in table:
@@ -336,3 +381,146 @@ DORMANT_NOTE = ("Clean: the MLP output of the base prompts; full-MLP patch: the 
                 "patch: the base MLP hidden activation with its v_MLP component taken from the source (and the same "
                 "with the rowspace and nullspace parts). v_grad: the normalised mean gradient of the name movers' "
                 "attention-score difference END→N1 − END→N2 w.r.t. the residual at the site.")
+
+
+# --------------------------------------------------------------------------------------------
+# Factual recall and fact editing (Section 6)
+
+PAPER_LAYERS = 48  # GPT2-XL, the paper's model for this part
+
+
+def paper_curve(art: Artifacts, prefix: str, field: str) -> pd.DataFrame:
+    """The paper's per-layer values ``{prefix}.{layer}.{field}`` with their relative depth."""
+    rows = []
+    for n in art.published.get("numbers", []):
+        parts = n["ours"].split(".")
+        if len(parts) == 3 and parts[0] == prefix and parts[2] == field:
+            rows.append({"layer": int(parts[1]), "depth": int(parts[1]) / PAPER_LAYERS, "value": n["value"]})
+    return pd.DataFrame(rows, columns=["layer", "depth", "value"])
+
+
+def _depth(art: Artifacts, layer) -> float:
+    return int(layer) / art.n_layers if art.n_layers else float("nan")
+
+
+def facts_caption(art: Artifacts, n: int | str | None = None) -> str:
+    """Model (its recorded description, with the SmolLM2 quantisation note) and N."""
+    data, description = art.dataset, art.description
+    text = f"Model: {description}. N = {'?' if n is None else n}."
+    if "smollm2" in str(data.get("model", "")) and "Q4_1" not in description:
+        text += " SmolLM2 is the Q4_1-quantised GGUF copy, dequantised: its weights differ from the original checkpoint."
+    if not data.get("require_correct", True):
+        text += " Facts were NOT filtered by the model's answers (facts.require_correct: false, a test setting)."
+    return text
+
+
+def facts_n(data: pd.DataFrame, what: str) -> str:
+    """N of a facts figure: the largest number of pairs of a layer, e.g. '6 fact pairs per layer'."""
+    return f"{int(data.n_pairs.max()) if len(data) else 0} {what}"
+
+
+# ------------------------------------------------------------------ facts: flip fractions
+FLIP_KINDS = {"flip_frac_1d": "1-D patch (learned v)", "flip_frac_full_mlp": "full MLP key patch",
+              "flip_frac_row": "row-space part of v", "flip_frac_null": "null-space part of v",
+              "flip_frac_rank1_edit": "rank-1 edit equivalent to the 1-D patch"}
+
+
+def flips_data(art: Artifacts) -> pd.DataFrame:
+    rows = [{"layer": int(l), "depth": _depth(art, l), "n_pairs": s["n_pairs"],
+             **{k: s[k] for k in FLIP_KINDS}, "rank1_agrees_1d": s["rank1_agrees_1d"],
+             "ld_rel_1d": s["ld_rel_1d"], "ld_rel_full_mlp": s["ld_rel_full_mlp"]}
+            for l, s in art.facts.items()]
+    return pd.DataFrame(rows).sort_values("layer").reset_index(drop=True)
+
+
+def plot_flips(data: pd.DataFrame, art: Artifacts):
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    styles = {"flip_frac_1d": ("C0", "o", "-"), "flip_frac_full_mlp": ("C1", "s", "-"),
+              "flip_frac_row": ("C2", "^", "-"), "flip_frac_null": ("C7", "v", ":"),
+              "flip_frac_rank1_edit": ("C3", "x", "--")}
+    for key, label in FLIP_KINDS.items():
+        c, m, ls = styles[key]
+        ax.plot(data.depth, data[key], color=c, marker=m, ls=ls, label=f"ours: {label}")
+    paper = paper_curve(art, "facts", "flip_frac_1d")
+    if len(paper):
+        ax.plot(paper.depth, paper.value, color="0.5", ls="--", marker=".", label="paper [R]: 1-D patch, GPT2-XL")
+    ax.set_xlabel("relative depth (layer / number of layers); our layers: " + ", ".join(map(str, data.layer)))
+    ax.set_ylabel("fraction of fact pairs flipped")
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=8, loc="upper right")
+    suptitle(fig, "Facts: 1-D subspace patches flip facts, the full MLP key and the row-space part do not")
+    return fig
+
+
+def flips_note(data: pd.DataFrame) -> str:
+    return ("Flipped: after the intervention at the subject's last token, logit(source object) > logit(base "
+            "object). The rank-1 edit agrees with the 1-D patch on a mean fraction of "
+            f"{data.rank1_agrees_1d.mean():.3f} of pairs.")
+
+
+# ------------------------------------------------------------------ facts: null-space norm
+def null_norm_data(art: Artifacts) -> pd.DataFrame:
+    rows = []
+    for l, s in art.facts.items():
+        frame = art.layer_csv("facts", l)
+        rows.append({"layer": int(l), "depth": _depth(art, l), "n_pairs": len(frame),
+                     "null_norm_mean": float(frame.null_norm.mean()), "null_norm_std": float(frame.null_norm.std()),
+                     "null_norm_min": float(frame.null_norm.min()), "null_norm_max": float(frame.null_norm.max()),
+                     "random_null_norm": s["random_null_norm"]})
+    return pd.DataFrame(rows).sort_values("layer").reset_index(drop=True)
+
+
+def plot_null_norm(data: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.errorbar(data.layer, data.null_norm_mean, yerr=data.null_norm_std.fillna(0), marker="o", capsize=3,
+                label="ours: mean ‖v_null‖ of the learned directions (± sd)")
+    ax.fill_between(data.layer, data.null_norm_min, data.null_norm_max, alpha=0.15, label="ours: min-max over pairs")
+    ax.plot(data.layer, data.random_null_norm, color="k", ls="--", label="random unit vector: sqrt((f - r) / f)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("null-space norm of the unit direction")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="lower left")
+    suptitle(fig, "Facts: how much of each learned direction lies in the kernel of the MLP out projection")
+    return fig
+
+
+NULL_NORM_NOTE = ("v = v_row + v_null against the row space of W_out (the down projection). The paper reports "
+                  "0.45-0.6 for GPT2-XL, where a random direction gives 0.87.")
+
+
+# ------------------------------------------------------------------ ROME vs derived subspace intervention
+ROME_KINDS = {"rome": "ROME edit", "derived_subspace": "derived subspace intervention", "row_only": "its row-space part"}
+
+
+def rome_data(art: Artifacts) -> pd.DataFrame:
+    rows = []
+    for l, s in art.rome.items():
+        frame = art.layer_csv("rome", l)
+        rows.append({"layer": int(l), "depth": _depth(art, l), "n_pairs": s["n_pairs"],
+                     **{k: s[k] for k in ROME_KINDS}, **{f"{k}_sem": float(frame[k].sem()) for k in ROME_KINDS},
+                     "pearson": s["pearson"], "exact_frac": s["exact_frac"]})
+    return pd.DataFrame(rows).sort_values("layer").reset_index(drop=True)
+
+
+def plot_rome(data: pd.DataFrame, art: Artifacts):
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for (key, label), c in zip(ROME_KINDS.items(), ("C3", "C0", "C2")):
+        ax.errorbar(data.depth, data[key], yerr=data[f"{key}_sem"].fillna(0), color=c, marker="o", capsize=3,
+                    label=f"ours: {label}")
+    for key, c in (("rome", "C3"), ("derived_subspace", "C0")):
+        paper = paper_curve(art, "rome", key)
+        if len(paper):
+            ax.plot(paper.depth, paper.value, color=c, ls=":", alpha=0.6, label=f"paper [R]: {ROME_KINDS[key]}, GPT2-XL")
+    for _, r in data.iterrows():
+        if pd.notna(r.pearson):
+            ax.annotate(f"r={r.pearson:.2f}", (r.depth, r.derived_subspace), textcoords="offset points",
+                        xytext=(0, -14), ha="center", fontsize=7, color="C0")
+    ax.set_xlabel("relative depth (layer / number of layers); our layers: " + ", ".join(map(str, data.layer)))
+    ax.set_ylabel("mean rewrite score")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    suptitle(fig, "Fact editing: ROME vs the 1-D subspace intervention it amounts to")
+    return fig
+
+
+ROME_NOTE = ("Rewrite score (p_after - p_before) / (1 - p_before) of the new object (Hase et al. 2023); error bars: "
+             "standard error over edits; r: Pearson correlation of the ROME and derived scores over the edits.")
