@@ -17,13 +17,17 @@ test: env
 
 # Unit tests only (tiny random models, no Snakemake run): run after every change.
 test-fast: env
-	pytest -m "not slow and not workflow"
+	pytest -m "not slow and not integration and not workflow"
 
 report: env
 	snakemake --report report.html
 
+# Static checks (CI runs them before the tests): Snakemake's linter, the rules' formatting, ruff,
+# and dvc.yaml against the Snakemake DAG.
 lint: env
 	snakemake --lint
+	snakefmt --check Snakefile workflow/rules
+	ruff check .
 	python -m mechrepro.workflow.dvcgen --check
 
 dvc-yaml: env

@@ -35,9 +35,9 @@ include: "workflow/rules/scorecard.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(config),
-    default_target: True
 
 
 onsuccess:

@@ -19,8 +19,8 @@ from mechrepro.workflow import artifacts as A
 from mechrepro.workflow.audit import audit
 from mechrepro.studies import study
 
-A = study("ioi_generalization")
-RESULTS, FIGURES = A.results, A.figures_dir
+STUDY_A = study("ioi_generalization")
+RESULTS, FIGURES = STUDY_A.results, STUDY_A.figures_dir
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def test_figure_chain(smoke):
 
 
 def test_every_figure_and_its_csv_has_a_sidecar(smoke):
-    for fig in A.figure_names({"ioi": {"variants": ["base", "double_io", "triple_io"]}}):
+    for fig in STUDY_A.figure_names({"ioi": {"variants": ["base", "double_io", "triple_io"]}}):
         for ext in ("png", "csv"):
             side = json.loads((smoke / FIGURES / f"{fig}.{ext}{A.PROV_SUFFIX}").read_text())
             assert side["rule"] == "figure" and side["artifact"] == f"{FIGURES}/{fig}.{ext}"

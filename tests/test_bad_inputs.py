@@ -180,7 +180,7 @@ def _truncate(path: Path) -> None:
 
 def _bad_head(work: Path) -> None:
     path = work / RESULTS / "circuit.json"
-    path.write_text(re.sub(r'"name_mover": \[\s*\[\s*(\d+),\s*(\d+)', r'"name_mover": [[\1, 7', path.read_text(), 1))
+    path.write_text(re.sub(r'"name_mover": \[\s*\[\s*(\d+),\s*(\d+)', r'"name_mover": [[\1, 7', path.read_text(), count=1))
 
 
 RUNTIME_CASES = {

@@ -158,7 +158,7 @@ def test_resume_from_a_given_residual_and_stop_layer(prompts):
 
 def test_patch_mlps_end_matches_naive(setup):
     model, tok, src, end, metric = setup
-    base, source = E.base_run(model, tok, end), E.base_run(model, src, end)
+    base = E.base_run(model, tok, end)
     rows = torch.arange(tok.shape[0])
     cache: dict = {}
     names = [f"blocks.{l}.hook_mlp_out" for l in range(model.spec.n_layers)]

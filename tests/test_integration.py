@@ -33,7 +33,7 @@ def test_figures_and_metrics_exist(smoke):
     metrics = json.loads((smoke / RESULTS / "metrics.json").read_text())
     assert metrics["model"] == "tiny-gpt2" and metrics["n_prompts"] == 16
     assert set(metrics["variants"]) == {"base", "double_io", "triple_io"}
-    for v, row in metrics["variants"].items():
+    for row in metrics["variants"].values():
         for key in ("model_ld", "circuit_ld", "faithfulness", "accuracy"):
             assert isinstance(row[key], float)
         assert row["n"] == 16

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,9 +11,9 @@ import yaml
 
 from mechrepro.studies import study
 from mechrepro.studies.subspace_illusion import FACTS_FIGURES as FACTS_FIGURE_NAMES
+from mechrepro.studies.subspace_illusion.metrics import FACTS_KEYS, ROME_KEYS
 
 FACTS_RESULTS, FACTS_FIGURES = study("subspace_illusion").results, study("subspace_illusion").figures_dir
-from mechrepro.studies.subspace_illusion.metrics import FACTS_KEYS, ROME_KEYS
 
 pytestmark = pytest.mark.integration
 

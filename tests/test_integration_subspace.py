@@ -20,11 +20,11 @@ from smoke_utils import run as _run
 
 from mechrepro.studies import study
 from mechrepro.studies.subspace_illusion import FACTS_FIGURES
+from mechrepro.studies.subspace_illusion.ioi import TABLE1_ROWS
 
 B = study("subspace_illusion")
 SUBSPACE_RESULTS, SUBSPACE_FIGURES = B.results, B.figures_dir
 SUBSPACE_FIGURE_INPUTS = [f for f in B.figures if f not in FACTS_FIGURES]  # the toy and IOI figures
-from mechrepro.studies.subspace_illusion.ioi import TABLE1_ROWS
 
 pytestmark = pytest.mark.integration
 

@@ -144,7 +144,7 @@ def test_undeclared_file_fails_even_when_missing_and_sidecars_follow_their_artif
     with pytest.raises(UndeclaredInputError, match="reference/published.yaml"):
         art.reference("study_c")
     with pytest.raises(UndeclaredInputError, match="metrics.json"):
-        art.metrics
+        _ = art.metrics
 
 
 def test_study_a_missing_per_variant_files_give_empty_tables(tmp_path):

@@ -297,7 +297,7 @@ def test_path_patch_many_senders_chunked(models, toy_batch):
     assert ld_all.shape == (4, 6)
     torch.testing.assert_close(ld_one, ld_all, atol=1e-5, rtol=1e-5)
     clean = _ld(model, toy_batch)
-    for j, (l, h) in enumerate(senders):
+    for j, (l, _h) in enumerate(senders):
         naive = _naive_path_patch(model, toy_batch, deltas[j], l, receivers, pos)
         torch.testing.assert_close(ld_all[j], naive, atol=1e-4, rtol=1e-4)
     # a sender in the last layer reaches no receiver: clean LD

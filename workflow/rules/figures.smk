@@ -5,19 +5,12 @@
 import json
 
 from mechrepro.workflow.figures import FIGURE_LIB
+from mechrepro.workflow.pipeline import notebook_params
 
 
 wildcard_constraints:
     study="|".join(STUDIES),
     fig="|".join(sorted({f for s in STUDIES.values() for f in s.figures})),
-
-
-def _notebook_params(w):
-    """Notebook parameters: the dpi, the figure's own config keys (by their parameter names) and its
-    declared inputs (relative to the workflow directory: the same in a copy of it)."""
-    keys = rule_config("figure", config, w)
-    names = {"figures.dpi": "dpi", **STUDIES[w.study].figures[w.fig].params}
-    return json.dumps({**{names[k]: v for k, v in keys.items()}, "inputs": figure_inputs(w.study, w.fig, config)})
 
 
 rule figure:
@@ -34,21 +27,21 @@ rule figure:
         ),
         csv="figures/{study}/{fig}.csv",
         notebook="results/notebooks/{study}/{fig}.ipynb",
-    params:
-        cfg=cfg("figure"),
-        cfg_json=lambda w: json.dumps(rule_config("figure", config, w)),
-        nb=_notebook_params,
-        caption=lambda w: STUDIES[w.study].caption(config, w.fig),
     log:
         "logs/{study}/figure/{fig}.log",
     benchmark:
         "results/benchmarks/{study}/figure/{fig}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        cfg=cfg("figure"),
+        cfg_json=lambda w: json.dumps(rule_config("figure", config, w)),
+        nb=lambda w: json.dumps(notebook_params(w.study, w.fig, config)),
+        caption=lambda w: STUDIES[w.study].caption(config, w.fig),
     shell:
         # the workflow directory made absolute by the shell: as a param it would differ in a copy of
         # the workflow directory and rerun the figures

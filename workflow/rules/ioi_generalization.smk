@@ -14,18 +14,18 @@ rule ioi_dataset:
         data=config["ioi"]["data_file"],
     output:
         f"{IOI_RESULTS}/data/{{variant}}.json",
-    params:
-        cfg=cfg("ioi_dataset"),
     log:
         "logs/ioi_generalization/ioi_dataset/{variant}.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_dataset/{variant}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_dataset"),
     script:
         "../scripts/stage.py"
 
@@ -37,19 +37,19 @@ rule ioi_inference:
     output:
         csv=f"{IOI_RESULTS}/inference/{{variant}}.csv",
         json=f"{IOI_RESULTS}/inference/{{variant}}.json",
-    params:
-        cfg=cfg("ioi_inference"),
     log:
         "logs/ioi_generalization/ioi_inference/{variant}.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_inference/{variant}.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=4000,
         runtime=20,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_inference"),
     script:
         "../scripts/stage.py"
 
@@ -62,19 +62,19 @@ rule ioi_circuit:
     output:
         circuit=f"{IOI_RESULTS}/circuit.json",
         scores=f"{IOI_RESULTS}/circuit_scores.csv",
-    params:
-        cfg=cfg("ioi_circuit"),
     log:
         "logs/ioi_generalization/ioi_circuit.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_circuit.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=6000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_circuit"),
     script:
         "../scripts/stage.py"
 
@@ -88,19 +88,19 @@ rule ioi_evaluate:
         summary=f"{IOI_RESULTS}/eval/{{variant}}.json",
         prompts=f"{IOI_RESULTS}/eval/{{variant}}_prompts.csv",
         attention=f"{IOI_RESULTS}/eval/{{variant}}_attention.csv",
-    params:
-        cfg=cfg("ioi_evaluate"),
     log:
         "logs/ioi_generalization/ioi_evaluate/{variant}.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_evaluate/{variant}.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=6000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_evaluate"),
     script:
         "../scripts/stage.py"
 
@@ -112,19 +112,19 @@ rule ioi_value_paths:
         data=[f"{IOI_RESULTS}/data/{v}.json" for v in VARIANTS if v in ("base", "double_io")],
     output:
         f"{IOI_RESULTS}/value_paths.csv",
-    params:
-        cfg=cfg("ioi_value_paths"),
     log:
         "logs/ioi_generalization/ioi_value_paths.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_value_paths.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=6000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_value_paths"),
     script:
         "../scripts/stage.py"
 
@@ -136,19 +136,19 @@ rule ioi_head_patching:
     output:
         csv=f"{IOI_RESULTS}/head_patching.csv",
         json=f"{IOI_RESULTS}/head_patching.json",
-    params:
-        cfg=cfg("ioi_head_patching"),
     log:
         "logs/ioi_generalization/ioi_head_patching.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_head_patching.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=6000,
         runtime=30,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_head_patching"),
     script:
         "../scripts/stage.py"
 
@@ -161,17 +161,17 @@ rule ioi_metrics:
         inference=expand(f"{IOI_RESULTS}/inference/{{variant}}.json", variant=VARIANTS),
     output:
         f"{IOI_RESULTS}/metrics.json",
-    params:
-        cfg=cfg("ioi_metrics"),
     log:
         "logs/ioi_generalization/ioi_metrics.log",
     benchmark:
         "results/benchmarks/ioi_generalization/ioi_metrics.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("ioi_metrics"),
     script:
         "../scripts/stage.py"

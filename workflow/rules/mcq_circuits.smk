@@ -16,19 +16,19 @@ rule mcq_model:
     output:
         manifest=MCQ_MANIFEST,
         training=f"{MCQ_RESULTS}/organism.json",
-    params:
-        cfg=cfg("mcq_model"),
     log:
         "logs/mcq_circuits/mcq_model.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_model.tsv"
+    conda:
+        ENV
     threads: 1  # small matrices: one thread is faster than two, and much faster on a shared machine
     resources:
         mem_mb=3000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_model"),
     script:
         "../scripts/stage.py"
 
@@ -38,18 +38,18 @@ rule mcq_dataset:
         manifest=MCQ_MANIFEST,
     output:
         f"{MCQ_RESULTS}/data/{{labels}}.json",
-    params:
-        cfg=cfg("mcq_dataset"),
     log:
         "logs/mcq_circuits/mcq_dataset/{labels}.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_dataset/{labels}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_dataset"),
     script:
         "../scripts/stage.py"
 
@@ -61,19 +61,19 @@ rule mcq_accuracy:
     output:
         csv=f"{MCQ_RESULTS}/accuracy/{{labels}}.csv",
         json=f"{MCQ_RESULTS}/accuracy/{{labels}}.json",
-    params:
-        cfg=cfg("mcq_accuracy"),
     log:
         "logs/mcq_circuits/mcq_accuracy/{labels}.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_accuracy/{labels}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_accuracy"),
     script:
         "../scripts/stage.py"
 
@@ -86,19 +86,19 @@ rule mcq_dla:
     output:
         csv=f"{MCQ_RESULTS}/dla.csv",
         json=f"{MCQ_RESULTS}/dla.json",
-    params:
-        cfg=cfg("mcq_dla"),
     log:
         "logs/mcq_circuits/mcq_dla.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_dla.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_dla"),
     script:
         "../scripts/stage.py"
 
@@ -111,19 +111,19 @@ rule mcq_patching:
     output:
         csv=f"{MCQ_RESULTS}/patching.csv",
         json=f"{MCQ_RESULTS}/patching.json",
-    params:
-        cfg=cfg("mcq_patching"),
     log:
         "logs/mcq_circuits/mcq_patching.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_patching.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_patching"),
     script:
         "../scripts/stage.py"
 
@@ -137,19 +137,19 @@ rule mcq_heads:
     output:
         csv=f"{MCQ_RESULTS}/heads.csv",
         json=f"{MCQ_RESULTS}/heads.json",
-    params:
-        cfg=cfg("mcq_heads"),
     log:
         "logs/mcq_circuits/mcq_heads.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_heads.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_heads"),
     script:
         "../scripts/stage.py"
 
@@ -165,19 +165,19 @@ rule mcq_low_rank:
         json=f"{MCQ_RESULTS}/low_rank.json",
         key_scatter=f"{MCQ_RESULTS}/low_rank_keys.csv",
         basis=f"{MCQ_RESULTS}/low_rank_basis.safetensors",
-    params:
-        cfg=cfg("mcq_low_rank"),
     log:
         "logs/mcq_circuits/mcq_low_rank.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_low_rank.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=30,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_low_rank"),
     script:
         "../scripts/stage.py"
 
@@ -191,19 +191,19 @@ rule mcq_mutations:
         basis=f"{MCQ_RESULTS}/low_rank_basis.safetensors",
     output:
         f"{MCQ_RESULTS}/mutations/{{labels}}.json",
-    params:
-        cfg=cfg("mcq_mutations"),
     log:
         "logs/mcq_circuits/mcq_mutations/{labels}.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_mutations/{labels}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_mutations"),
     script:
         "../scripts/stage.py"
 
@@ -221,17 +221,17 @@ rule mcq_metrics:
         low_rank=f"{MCQ_RESULTS}/low_rank.json",
     output:
         f"{MCQ_RESULTS}/metrics.json",
-    params:
-        cfg=cfg("mcq_metrics"),
     log:
         "logs/mcq_circuits/mcq_metrics.log",
     benchmark:
         "results/benchmarks/mcq_circuits/mcq_metrics.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("mcq_metrics"),
     script:
         "../scripts/stage.py"

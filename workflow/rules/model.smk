@@ -4,17 +4,17 @@
 rule prepare_model:
     output:
         manifest=MANIFEST,
-    params:
-        cfg=cfg("prepare_model"),
     log:
         "logs/shared/prepare_model.log",
     benchmark:
         "results/benchmarks/shared/prepare_model.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        ENV
+    params:
+        cfg=cfg("prepare_model"),
     script:
         "../scripts/stage.py"

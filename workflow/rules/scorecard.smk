@@ -8,17 +8,17 @@ rule scorecard:
     output:
         json="results/scorecard.json",
         md="results/scorecard.md",
-    params:
-        cfg=cfg("scorecard"),
     log:
         "logs/shared/scorecard.log",
     benchmark:
         "results/benchmarks/shared/scorecard.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("scorecard"),
     script:
         "../scripts/stage.py"

@@ -17,18 +17,18 @@ wildcard_constraints:
 rule subspace_toy:
     output:
         f"{B}/toy.json",
-    params:
-        cfg=cfg("subspace_toy"),
     log:
         "logs/subspace_illusion/subspace_toy.log",
     benchmark:
         "results/benchmarks/subspace_illusion/subspace_toy.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("subspace_toy"),
     script:
         "../scripts/stage.py"
 
@@ -40,18 +40,18 @@ rule subspace_ioi_dataset:
         names=config["ioi"]["data_file"],
     output:
         f"{B}/ioi_data.json",
-    params:
-        cfg=cfg("subspace_ioi_dataset"),
     log:
         "logs/subspace_illusion/subspace_ioi_dataset.log",
     benchmark:
         "results/benchmarks/subspace_illusion/subspace_ioi_dataset.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        cfg=cfg("subspace_ioi_dataset"),
     script:
         "../scripts/stage.py"
 
@@ -66,19 +66,19 @@ rule subspace_ioi_das:
     output:
         direction=f"{B}/das/{{site}}.safetensors",
         json=f"{B}/das/{{site}}.json",
-    params:
-        cfg=cfg("subspace_ioi_das"),
     log:
         "logs/subspace_illusion/subspace_ioi_das/{site}.log",
     benchmark:
         "results/benchmarks/subspace_illusion/subspace_ioi_das/{site}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("subspace_ioi_das"),
     script:
         "../scripts/stage.py"
 
@@ -95,19 +95,19 @@ rule subspace_ioi_eval:
         pairs=f"{B}/ioi_pairs.csv",
         projections=f"{B}/ioi_projections.csv",
         dormant=f"{B}/ioi_dormant.csv",
-    params:
-        cfg=cfg("subspace_ioi_eval"),
     log:
         "logs/subspace_illusion/subspace_ioi_eval.log",
     benchmark:
         "results/benchmarks/subspace_illusion/subspace_ioi_eval.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=6000,
         runtime=60,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("subspace_ioi_eval"),
     script:
         "../scripts/stage.py"
 
@@ -118,22 +118,20 @@ rule subspace_metrics:
         parts=SUBSPACE_PARTS,
     output:
         f"{B}/metrics.json",
-    params:
-        cfg=cfg("subspace_metrics"),
     log:
         "logs/subspace_illusion/subspace_metrics.log",
     benchmark:
         "results/benchmarks/subspace_illusion/subspace_metrics.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("subspace_metrics"),
     script:
         "../scripts/stage.py"
-
-
 
 
 wildcard_constraints:
@@ -146,19 +144,19 @@ rule facts_dataset:
         facts_data=config["facts"]["data_file"],
     output:
         f"{B}/facts/data.json",
-    params:
-        cfg=cfg("facts_dataset"),
     log:
         "logs/subspace_illusion/facts_dataset.log",
     benchmark:
         "results/benchmarks/subspace_illusion/facts_dataset.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=3000,
         runtime=15,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("facts_dataset"),
     script:
         "../scripts/stage.py"
 
@@ -168,19 +166,19 @@ rule facts_key_stats:
         manifest=MANIFEST,
     output:
         expand(f"{B}/rome/key_stats/layer{{layer}}.safetensors", layer=FACT_LAYERS),
-    params:
-        cfg=cfg("facts_key_stats"),
     log:
         "logs/subspace_illusion/facts_key_stats.log",
     benchmark:
         "results/benchmarks/subspace_illusion/facts_key_stats.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("facts_key_stats"),
     script:
         "../scripts/stage.py"
 
@@ -194,19 +192,19 @@ rule facts_layer:
         json=f"{B}/facts/layer{{layer}}.json",
         csv=f"{B}/facts/layer{{layer}}.csv",
         directions=f"{B}/facts/layer{{layer}}_directions.safetensors",
-    params:
-        cfg=cfg("facts_layer"),
     log:
         "logs/subspace_illusion/facts_layer/{layer}.log",
     benchmark:
         "results/benchmarks/subspace_illusion/facts_layer/{layer}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("facts_layer"),
     script:
         "../scripts/stage.py"
 
@@ -219,19 +217,19 @@ rule rome_layer:
     output:
         json=f"{B}/rome/layer{{layer}}.json",
         csv=f"{B}/rome/layer{{layer}}.csv",
-    params:
-        cfg=cfg("rome_layer"),
     log:
         "logs/subspace_illusion/rome_layer/{layer}.log",
     benchmark:
         "results/benchmarks/subspace_illusion/rome_layer/{layer}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
         gpu=GPU,
-    conda:
-        ENV
+    params:
+        cfg=cfg("rome_layer"),
     script:
         "../scripts/stage.py"
 
@@ -242,18 +240,18 @@ rule facts_summary:
         layers=expand(f"{B}/facts/layer{{layer}}.json", layer=FACT_LAYERS),
     output:
         f"{B}/facts.json",
-    params:
-        cfg=cfg("facts_summary"),
     log:
         "logs/subspace_illusion/facts_summary.log",
     benchmark:
         "results/benchmarks/subspace_illusion/facts_summary.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("facts_summary"),
     script:
         "../scripts/stage.py"
 
@@ -264,17 +262,17 @@ rule rome_summary:
         layers=expand(f"{B}/rome/layer{{layer}}.json", layer=FACT_LAYERS),
     output:
         f"{B}/rome.json",
-    params:
-        cfg=cfg("rome_summary"),
     log:
         "logs/subspace_illusion/rome_summary.log",
     benchmark:
         "results/benchmarks/subspace_illusion/rome_summary.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
+    params:
+        cfg=cfg("rome_summary"),
     script:
         "../scripts/stage.py"

@@ -277,7 +277,7 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_hf(cls, hf_model: nn.Module) -> "Transformer":
+    def from_hf(cls, hf_model: nn.Module) -> Transformer:
         """Build from a loaded Hugging Face ``GPT2LMHeadModel`` or Llama/Qwen2-style causal LM."""
         cfg = hf_model.config
         sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
@@ -295,7 +295,7 @@ class Transformer(nn.Module):
         )
 
     @classmethod
-    def _from_gpt2(cls, cfg, sd: dict[str, Tensor]) -> "Transformer":
+    def _from_gpt2(cls, cfg, sd: dict[str, Tensor]) -> Transformer:
         d, H = cfg.n_embd, cfg.n_head
         e = d // H
         spec = ModelSpec("gpt2", cfg.n_layer, H, H, d, e, cfg.n_inner or 4 * d, cfg.vocab_size,
@@ -319,7 +319,7 @@ class Transformer(nn.Module):
         return cls(spec, p)
 
     @classmethod
-    def _from_llama(cls, cfg, sd: dict[str, Tensor], inv_freq: Tensor) -> "Transformer":
+    def _from_llama(cls, cfg, sd: dict[str, Tensor], inv_freq: Tensor) -> Transformer:
         d, H = cfg.hidden_size, cfg.num_attention_heads
         G = getattr(cfg, "num_key_value_heads", None) or H
         e = getattr(cfg, "head_dim", None) or d // H

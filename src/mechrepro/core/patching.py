@@ -231,7 +231,7 @@ def path_patch_attribution(model: Transformer, tokens: Tensor, end: Tensor, io: 
             grads[(l, h, kind)] = g[rows, pos, h]  # [b, d]
     layers = torch.tensor(list(sender_layers))
     est = torch.zeros(deltas.shape[0])
-    for (l, h, kind), g in grads.items():
+    for (l, _h, _kind), g in grads.items():
         contrib = torch.einsum("sbd,bd->s", deltas, g)  # g is the gradient of the mean: 1/b included
         est += contrib * (layers < l).float()
     return est

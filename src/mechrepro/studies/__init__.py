@@ -27,7 +27,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Callable
+from collections.abc import Callable
 
 # Rules every study shares (their stage functions are in mechrepro.workflow.stage) and the config
 # keys each reads. The ``figure`` rule reads ``figures.dpi`` plus each figure's own keys.

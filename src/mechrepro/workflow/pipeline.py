@@ -33,6 +33,17 @@ def figure_inputs(study: str, fig: str, config: dict) -> list[str]:
     return s.figures[fig].inputs(config)
 
 
+def notebook_params(study: str, fig: str, config: dict) -> dict:
+    """The papermill parameters of one figure's notebook besides ``root`` and ``fig_name``: ``dpi``,
+    the figure's own config values under their parameter names (:attr:`mechrepro.studies.Figure.params`)
+    and ``inputs``, the files it may read (relative to the workflow directory: the same in a copy)."""
+    from mechrepro.studies import study as get
+
+    names = {"figures.dpi": "dpi", **get(study).figures[fig].params}
+    values = rule_config("figure", config, {"study": study, "fig": fig})
+    return {**{names[k]: v for k, v in values.items()}, "inputs": figure_inputs(study, fig, config)}
+
+
 def study_outputs(study: str, config: dict) -> list[str]:
     """The figures and metrics file of one study."""
     from mechrepro.studies import study as get

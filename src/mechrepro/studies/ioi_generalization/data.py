@@ -191,7 +191,7 @@ class Batch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def subset(self, idx) -> "Batch":
+    def subset(self, idx) -> Batch:
         idx = torch.as_tensor(idx)
         return Batch(self.tokens[idx], self.abc[idx], {k: v[idx] for k, v in self.pos.items()},
                      self.io[idx], self.s[idx], self.template[idx], [self.order[i] for i in idx.tolist()])

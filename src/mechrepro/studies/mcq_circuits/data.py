@@ -358,7 +358,7 @@ def evaluation_items(synthetic: bool, n_items: int, n_shots: int, seed: int
     shots: list[MCQItem] = []
     if synthetic:
         items = synthetic_items(n_items, seed + 1, prefix="eval")
-        source = "synthetic (category, fact, copy questions; seed %d)" % (seed + 1)
+        source = f"synthetic (category, fact, copy questions; seed {seed + 1})"
     else:
         pool = read_mmlu()
         order = random.Random(seed).sample(range(len(pool)), n_items + n_shots)

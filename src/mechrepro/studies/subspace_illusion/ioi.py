@@ -244,9 +244,9 @@ def resolve_layer(setting: str | int, circuit: dict, n_layers: int) -> dict:
     nms = [tuple(h) for h in classes.get("name_mover") or []]
     fix = "set config key subspace.layer to an integer layer (below the name movers' layers)"
     if not nms:
-        raise SiteError(f"the circuit has no name-mover heads; Study B needs them (v_grad and the residual row "
-                        f"space read their queries). Rebuild the circuit (snakemake --forcerun ioi_circuit) or use a "
-                        f"model whose circuit has name movers")
+        raise SiteError("the circuit has no name-mover heads; Study B needs them (v_grad and the residual row "
+                        "space read their queries). Rebuild the circuit (snakemake --forcerun ioi_circuit) or use a "
+                        "model whose circuit has name movers")
     if setting == "auto":
         if not sinh:
             raise SiteError(f"subspace.layer is 'auto' but the circuit has no S-inhibition heads, so the rule "
