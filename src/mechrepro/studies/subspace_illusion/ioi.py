@@ -58,6 +58,7 @@ from torch import Tensor
 
 from mechrepro.core import engine as E
 from mechrepro.core import subspace as S
+from mechrepro.core.threads import one_thread
 from mechrepro.core.tokens import pad
 from mechrepro.workflow.config import read_yaml
 from mechrepro.studies.ioi_generalization.data import DatasetError, render, single_token_words, tokenize
@@ -559,3 +560,81 @@ def eval_summary(model_name: str, model_description: str, site: dict, n_train: i
         "rows": {row: {"site": s, "direction": k or "full"} for row, (s, k) in TABLE1_ROWS.items()},
         "timings": timings,
     }
+
+
+def train_das(model: Transformer, batch: PairBatch, site: dict, site_name: str, cfg: dict, seed: int,
+              batch_size: int, model_name: str = "",
+              progress: Callable[[str], None] | None = None) -> tuple[Tensor, dict]:
+    """DAS for one unit direction at ``site_name`` (``mlp`` or ``resid``) of the site layer, on the
+    training pairs ``batch``; ``cfg``: ``subspace_ioi`` (``lr``, ``epochs``, ``batch``).
+
+    Training runs on one thread (:func:`mechrepro.core.threads.one_thread`), so the direction does
+    not depend on the cores the job gets. Returns the direction and its record
+    (:func:`das_summary`: loss curve, training FLDD and interchange accuracy, timings).
+    """
+    import time
+
+    t0 = time.time()
+    cache = cache_site(model, batch, site["layer"], batch_size, progress=progress)
+    t_cache = time.time() - t0
+    history: list[float] = []
+    t0 = time.time()
+    with one_thread():
+        v = learn(model, cache, batch, site_name, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch"],
+                  seed=seed, history=history)
+    t_train = time.time() - t0
+    ld, top = patched(model, cache, batch, site_name, v, batch_size)
+    summary = das_summary(site_name, site, model_name, cfg, cache, batch, history, ld, top,
+                          {"cache_s": t_cache, "train_s": t_train})
+    return v, summary
+
+
+@dataclass
+class SiteEvaluation:
+    """Everything :func:`evaluate_site` finds: ``rows`` (Table 1: per row FLDD, interchange accuracy,
+    LD), ``pairs`` (per test pair), ``details`` (``ioi.json``'s ``ioi``: :func:`eval_summary`),
+    ``projections`` and ``dormant`` (the histogram tables) and ``dirs`` (all ten directions)."""
+
+    rows: dict
+    pairs: pd.DataFrame
+    details: dict
+    projections: pd.DataFrame
+    dormant: pd.DataFrame
+    dirs: dict[str, Tensor]
+
+
+def evaluate_site(model: Transformer, train: PairBatch, test: PairBatch, site: dict, learned: dict[str, Tensor],
+                  batch_size: int, model_name: str = "", model_description: str = "",
+                  progress: Callable[[str], None] | None = None) -> SiteEvaluation:
+    """Table 1 of the paper at the site layer: the learned directions (``learned``: ``v_mlp``,
+    ``v_resid``), their row-/null-space parts, the baselines ``v_grad`` (from the training pairs)
+    and ``v_mean``, and the full patches, each evaluated on the held-out test pairs; plus the
+    projection and dormant-pathway tables of the histograms.
+
+    Gradients, means and decompositions (SVD) run on one thread (thread-independent sums).
+    """
+    import time
+
+    layer, bs = site["layer"], batch_size
+    name_movers = [tuple(h) for h in site["name_movers"]]
+    t = {}
+    t0 = time.time()
+    c_train = cache_site(model, train, layer, bs, progress=progress)
+    with one_thread():  # gradients, means and SVDs add in a thread-dependent order otherwise
+        v_grad = grad_direction(model, c_train, train, name_movers, bs)
+        v_mean = mean_direction(c_train, train)
+    del c_train
+    t["baselines_s"] = time.time() - t0
+    t0 = time.time()
+    cache = cache_site(model, test, layer, bs, progress=progress)
+    t["cache_test_s"] = time.time() - t0
+    with one_thread():
+        parts = decompose_all(model, layer, learned["v_mlp"], learned["v_resid"], name_movers)
+    dirs = {"v_mlp": learned["v_mlp"], "v_resid": learned["v_resid"], **parts["dirs"], "v_grad": v_grad,
+            "v_mean": v_mean}
+    t0 = time.time()
+    rows, frame = table1(model, cache, test, dirs, bs)
+    t["table1_s"] = time.time() - t0
+    details = eval_summary(model_name, model_description, site, len(train), cache, test, dirs, parts, t)
+    return SiteEvaluation(rows, frame, details, projections(cache, test, dirs),
+                          dormant_pathway(model, cache, test, dirs, v_grad), dirs)

@@ -22,7 +22,6 @@ The library: this study's ``toy``, ``ioi``, ``facts``, ``rome`` and ``metrics`` 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -39,19 +38,6 @@ log = logging.getLogger("mechrepro")
 
 
 # ------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def one_thread():
-    """Run gradient computations, reductions and decompositions (SVD) on one thread, so that their
-    sums are added in the same order whatever number of cores Snakemake gives the job (results are
-    then identical; the forward passes do not depend on the thread count)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _site(snk) -> tuple[dict, dict]:
     """The circuit (checked against the model's shape) and the resolved site layer."""
     from mechrepro.studies.ioi_generalization.circuit import check_circuit
@@ -108,45 +94,25 @@ def subspace_ioi_dataset(snk) -> None:
 
 def subspace_ioi_das(snk) -> None:
     """DAS for one direction at ``wildcards.site`` (``mlp`` or ``resid``) on the training pairs."""
-    from mechrepro.studies.subspace_illusion.ioi import cache_site, das_summary, learn, patched
+    from mechrepro.studies.subspace_illusion.ioi import train_das
 
     stage.setup(snk)
     site_name = snk.wildcards.site
     _, site = _site(snk)
-    layer = site["layer"]
-    cfg = snk.config["subspace_ioi"]
     lm = stage.load_model(snk)
-    batch = _pairs(snk, lm, "train")
-    bs = snk.config["model"]["batch_size"]
-    t0 = time.time()
-    cache = cache_site(lm.model, batch, layer, bs, progress=log.info)
-    t_cache = time.time() - t0
-    history: list[float] = []
-    t0 = time.time()
-    with one_thread():
-        v = learn(lm.model, cache, batch, site_name, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch"],
-                  seed=snk.config["seed"], history=history)
-    t_train = time.time() - t0
-    ld, top = patched(lm.model, cache, batch, site_name, v, bs)
-    summary = das_summary(site_name, site, lm.name, cfg, cache, batch, history, ld, top,
-                          {"cache_s": t_cache, "train_s": t_train})
+    v, summary = train_das(lm.model, _pairs(snk, lm, "train"), site, site_name, snk.config["subspace_ioi"],
+                           snk.config["seed"], snk.config["model"]["batch_size"], lm.name, progress=log.info)
     log.info("DAS %s at layer %d: loss %.3f -> %.3f in %d steps (%.1fs); train FLDD %.1f%%, interchange acc %.3f",
-             site_name, layer, history[0], history[-1], len(history), t_train, summary["train_fldd"],
-             summary["train_interchange_acc"])
+             site_name, site["layer"], summary["loss_first"], summary["loss_last"], summary["steps"],
+             summary["timings"]["train_s"], summary["train_fldd"], summary["train_interchange_acc"])
     prov = stage.prov(snk, lm.manifest)
-    save_safetensors(snk.output.direction, {"v": v}, prov, {"site": site_name, "layer": str(layer), "model": lm.name})
+    save_safetensors(snk.output.direction, {"v": v}, prov,
+                     {"site": site_name, "layer": str(site["layer"]), "model": lm.name})
     art.save_json(snk.output.json, summary, prov)
 
 
-def subspace_ioi_eval(snk) -> None:
-    """Baselines, decompositions, Table 1 on the test pairs, and the histogram tables."""
-    from mechrepro.studies.subspace_illusion.ioi import (cache_site, decompose_all, dormant_pathway, eval_summary,
-                                                         grad_direction, mean_direction, projections, table1)
-
-    stage.setup(snk)
-    _, site = _site(snk)
-    layer = site["layer"]
-    name_movers = [tuple(h) for h in site["name_movers"]]
+def _learned(snk, layer: int) -> dict:
+    """The DAS directions (``v_mlp``, ``v_resid``), checked to come from the site layer."""
     learned = {}
     for path in snk.input.das:
         tensors, meta = load_safetensors(path)
@@ -154,41 +120,32 @@ def subspace_ioi_eval(snk) -> None:
             raise art.ArtifactError(f"{path} was learned at layer {meta.get('layer')}, not at the site layer {layer}; "
                                     f"rerun 'snakemake --forcerun subspace_ioi_das'")
         learned[f"v_{meta['site']}"] = tensors["v"]
+    return learned
+
+
+def subspace_ioi_eval(snk) -> None:
+    """Baselines, decompositions, Table 1 on the test pairs, and the histogram tables."""
+    from mechrepro.studies.subspace_illusion.ioi import evaluate_site
+
+    stage.setup(snk)
+    _, site = _site(snk)
+    learned = _learned(snk, site["layer"])
     lm = stage.load_model(snk)
-    model, bs = lm.model, snk.config["model"]["batch_size"]
-    dtype = next(iter(model.buffers())).dtype
-    learned = {k: v.to(dtype=dtype, device=next(iter(model.buffers())).device) for k, v in learned.items()}
-    train, test = _pairs(snk, lm, "train"), _pairs(snk, lm, "test")
-    t = {}
-    t0 = time.time()
-    c_train = cache_site(model, train, layer, bs, progress=log.info)
-    with one_thread():  # gradients, means and SVDs add in a thread-dependent order otherwise
-        v_grad = grad_direction(model, c_train, train, name_movers, bs)
-        v_mean = mean_direction(c_train, train)
-    del c_train
-    t["baselines_s"] = time.time() - t0
-    t0 = time.time()
-    cache = cache_site(model, test, layer, bs, progress=log.info)
-    t["cache_test_s"] = time.time() - t0
-    with one_thread():
-        parts = decompose_all(model, layer, learned["v_mlp"], learned["v_resid"], name_movers)
-    dirs = {"v_mlp": learned["v_mlp"], "v_resid": learned["v_resid"], **parts["dirs"], "v_grad": v_grad,
-            "v_mean": v_mean}
-    t0 = time.time()
-    rows, frame = table1(model, cache, test, dirs, bs)
-    t["table1_s"] = time.time() - t0
-    for row, r in rows.items():
+    ref = next(iter(lm.model.buffers()))
+    learned = {k: v.to(dtype=ref.dtype, device=ref.device) for k, v in learned.items()}
+    ev = evaluate_site(lm.model, _pairs(snk, lm, "train"), _pairs(snk, lm, "test"), site, learned,
+                       snk.config["model"]["batch_size"], lm.name, lm.description(), progress=log.info)
+    for row, r in ev.rows.items():
         log.info("%-13s FLDD %8.2f%%  interchange acc %.3f", row, r["fldd"], r["interchange_acc"])
-    details = eval_summary(lm.name, lm.description(), site, len(train), cache, test, dirs, parts, t)
+    d = ev.details
     log.info("clean LD %.3f, clean accuracy %.3f; cos(v_resid, v_grad) %.3f; null norms %s (random: %s)",
-             details["clean_ld"], details["clean_acc"], details["cos"]["v_resid_v_grad"], details["null_norm"],
-             details["random_null_norm"])
+             d["clean_ld"], d["clean_acc"], d["cos"]["v_resid_v_grad"], d["null_norm"], d["random_null_norm"])
     prov = stage.prov(snk, lm.manifest)
-    art.save_csv(snk.output.pairs, frame, prov)
-    art.save_csv(snk.output.projections, projections(cache, test, dirs), prov)
-    art.save_csv(snk.output.dormant, dormant_pathway(model, cache, test, dirs, v_grad), prov)
-    save_safetensors(snk.output.directions, dirs, prov, {"layer": str(layer), "model": lm.name})
-    art.save_json(snk.output.ioi, {"ioi_table1": rows, "ioi": details}, prov)
+    art.save_csv(snk.output.pairs, ev.pairs, prov)
+    art.save_csv(snk.output.projections, ev.projections, prov)
+    art.save_csv(snk.output.dormant, ev.dormant, prov)
+    save_safetensors(snk.output.directions, ev.dirs, prov, {"layer": str(site["layer"]), "model": lm.name})
+    art.save_json(snk.output.ioi, {"ioi_table1": ev.rows, "ioi": d}, prov)
 
 
 def subspace_metrics(snk) -> None:
