@@ -165,3 +165,18 @@ def test_study_a_missing_per_variant_files_give_empty_tables(tmp_path):
     fig2 = plotting.load(tmp_path, "fig2_attention_shift", figure_inputs("ioi_generalization", "fig2_attention_shift",
                                                                           config))
     assert plotting.attention_shift_data(fig2).empty  # eval/base_attention.csv missing; no other variant read
+
+
+def test_notebook_params_of_the_figure_rule():
+    """The ``-y`` mapping the rule passes: the dpi, the figure's own config values under their
+    parameter names, and its declared inputs (so that a figure-only key reaches only its notebook)."""
+    from mechrepro.workflow.config import load
+    from mechrepro.workflow.pipeline import notebook_params
+
+    config = load(ROOT / "config" / "smoke.yaml")
+    fig4 = notebook_params("ioi_generalization", "fig4_confidence_ratio", config)
+    assert fig4 == {"dpi": config["figures"]["dpi"], "n_samples": config["figures"]["n_attention_samples"],
+                    "inputs": figure_inputs("ioi_generalization", "fig4_confidence_ratio", config)}
+    table1 = notebook_params("ioi_generalization", "table1_faithfulness", config)
+    assert set(table1) == {"dpi", "inputs"}
+    assert "results/ioi_generalization/eval/triple_io_prompts.csv" in table1["inputs"]
