@@ -34,13 +34,30 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/scorecard.smk"
 
 
+# Every job's outputs, not only the figures and metrics: a missing intermediate is rebuilt.
 rule all:
     default_target: True
     input:
-        all_outputs(config),
+        lambda w: every_output(all_outputs(config), workflow.rules),
+
+
+# A job's torch threads are its rule's threads, whatever --cores allows (workflow.stage.torch_threads).
+for _rule in workflow.rules:
+    _rule.resources["torch_threads"] = _rule.resources["_cores"].raw
+
+
+onstart:
+    # Before any job starts (and deletes its old outputs): refuse inputs that differ from their records.
+    check_before_run([(job.input, job.output) for job in workflow.dag.needrun_jobs()])
+
+
+onerror:
+    # A failed job's outputs are deleted by Snakemake: delete their provenance sidecars too.
+    remove_orphan_sidecars()
 
 
 onsuccess:
     # Record the artifacts' hashes in dvc.lock, so that `dvc status` / `dvc repro` see what
-    # Snakemake built. Skipped when --config/--configfile overrides make config.yaml untrue.
+    # Snakemake built (never a file that differs from its provenance record). Skipped when
+    # --config/--configfile overrides make config.yaml untrue.
     record_in_dvc(workflow.config_settings)

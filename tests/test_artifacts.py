@@ -145,7 +145,7 @@ def test_safetensors_errors_name_the_file_the_problem_and_the_rule(tmp_path):
     import torch
 
     path = tmp_path / "sigma.safetensors"
-    with pytest.raises(ArtifactError, match="sigma.safetensors does not exist.*--forcerun facts_key_stats"):
+    with pytest.raises(ArtifactError, match="sigma.safetensors does not exist: run 'snakemake all'"):
         A.load_safetensors(path, rule="facts_key_stats")
     A.save_safetensors(path, {"sigma": torch.eye(3)}, {})
     with pytest.raises(ArtifactError, match=r"lacks the tensors \['mean'\] \(it has \['sigma'\]\).*--forcerun r1"):

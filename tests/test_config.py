@@ -115,7 +115,8 @@ def test_cuda_without_gpu(base_cfg):
 
 def _copied_data(tmp_path, edit):
     (tmp_path / "config").mkdir()
-    shutil.copy(ROOT / "config" / "subspace_ioi_data.yaml", tmp_path / "config")  # Study B's, checked too
+    for name in ("subspace_ioi_data.yaml", "facts_data.yaml"):  # Study B's, checked too
+        shutil.copy(ROOT / "config" / name, tmp_path / "config")
     dst = tmp_path / "config" / "ioi_data.yaml"
     shutil.copy(ROOT / "config" / "ioi_data.yaml", dst)
     data = yaml.safe_load(dst.read_text())

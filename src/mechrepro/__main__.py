@@ -6,6 +6,9 @@
 * ``record RULE --config JSON --inputs IN ... --outputs OUT ...`` — write provenance sidecars for
   files made outside :mod:`mechrepro.studies.ioi_generalization.stages` (the figure notebooks' PNG, CSV and executed notebook).
   The model recorded is the one the inputs' own sidecars name.
+* ``preflight --inputs IN ... --outputs OUT ...`` — before a shell job (the figure notebooks): refuse
+  inputs that differ from their provenance records (exit 1 with the audit's message) and remove the
+  old sidecars of the outputs (:func:`mechrepro.workflow.integrity.preflight`).
 * ``notebook IN OUT [papermill options]`` — run papermill; when the Jupyter kernel dies while
   starting (a port race when many kernels start at once, e.g. ``--cores 8``), try again, up to
   :data:`NOTEBOOK_ATTEMPTS` times. Any other failure is returned at once.
@@ -79,11 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", required=True, help="the config values the rule read, as JSON")
     r.add_argument("--inputs", nargs="*", default=[])
     r.add_argument("--outputs", nargs="+", required=True)
+    f = sub.add_parser("preflight", help="refuse damaged inputs of a job; remove its outputs' old sidecars")
+    f.add_argument("--inputs", nargs="*", default=[])
+    f.add_argument("--outputs", nargs="*", default=[])
     n = sub.add_parser("notebook", help="run papermill, retrying when the kernel dies while starting")
     n.add_argument("papermill_args", nargs=argparse.REMAINDER, help="papermill's arguments")
     args = parser.parse_args(argv)
     if args.command == "notebook":
         return _notebook(args.papermill_args)
+    if args.command == "preflight":
+        from mechrepro.workflow.integrity import IntegrityError, preflight
+
+        try:
+            preflight(args.inputs, args.outputs)
+        except IntegrityError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     if args.command == "audit":
         from mechrepro.workflow.audit import audit
 

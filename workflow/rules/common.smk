@@ -6,7 +6,17 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from mechrepro.studies import studies as _studies
 from mechrepro.workflow.config import ConfigError, check_output_dirs, validate
-from mechrepro.workflow.pipeline import all_outputs, figure_inputs, model_dir, record_in_dvc, rule_config, study_metrics
+from mechrepro.workflow.integrity import check_before_run, remove_orphan_sidecars
+from mechrepro.workflow.pipeline import (
+    all_outputs,
+    every_output,
+    figure_inputs,
+    model_dir,
+    model_weights,
+    record_in_dvc,
+    rule_config,
+    study_metrics,
+)
 
 try:
     _validated = validate(dict(config), root=workflow.basedir, cli_overrides=workflow.config_settings.config)

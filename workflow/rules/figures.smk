@@ -1,7 +1,8 @@
 # One rule draws every figure of every study: papermill runs notebooks/{study}/{fig}.ipynb, which
 # reads only the figure's declared inputs (mechrepro.studies: Figure.inputs; passed to the notebook
 # as `inputs`, its Artifacts refuse any other file) and draws; then the rule writes a provenance
-# sidecar for each output.
+# sidecar for each output. Before papermill, `python -m mechrepro preflight` refuses damaged inputs
+# and removes the outputs' old sidecars (a failed notebook leaves neither figure nor sidecar).
 import json
 
 from mechrepro.workflow.figures import FIGURE_LIB
@@ -45,6 +46,7 @@ rule figure:
     shell:
         # the workflow directory made absolute by the shell: as a param it would differ in a copy of
         # the workflow directory and rerun the figures
+        "python -m mechrepro preflight --inputs {input:q} --outputs {output:q} && "
         "python -m mechrepro notebook {input.notebook} {output.notebook} --kernel python3 --no-progress-bar "
         '-p root "$PWD" -p fig_name {wildcards.fig} -y {params.nb:q} > {log} 2>&1 && '
         "python -m mechrepro record figure --config {params.cfg_json:q} --inputs {input:q} "

@@ -15,6 +15,7 @@ wildcard_constraints:
 rule mcq_model:
     output:
         manifest=MCQ_MANIFEST,
+        weights=model_weights(config["mcq"]["model"], _mcq_model_dir(config["mcq"]["model"])),
         training=f"{MCQ_RESULTS}/organism.json",
     log:
         "logs/mcq_circuits/mcq_model.log",

@@ -4,6 +4,7 @@
 rule prepare_model:
     output:
         manifest=MANIFEST,
+        weights=model_weights(config["model"]["name"], model_dir(config["model"]["name"])),
     log:
         "logs/shared/prepare_model.log",
     benchmark:

@@ -142,6 +142,7 @@ rule facts_dataset:
     input:
         manifest=MANIFEST,
         facts_data=config["facts"]["data_file"],
+        counterfact=config["facts"]["counterfact_file"] or [],  # optional: "" = none
     output:
         f"{B}/facts/data.json",
     log:
@@ -164,6 +165,7 @@ rule facts_dataset:
 rule facts_key_stats:
     input:
         manifest=MANIFEST,
+        corpus=[] if config["rome"]["corpus"] == "stdlib_docs" else config["rome"]["corpus"],  # a text file
     output:
         expand(f"{B}/rome/key_stats/layer{{layer}}.safetensors", layer=FACT_LAYERS),
     log:

@@ -35,6 +35,50 @@ TINY = {
 }
 DEFAULT = "smollm2-135m"
 KNOWN = [DEFAULT, *HUB_IDS, *TINY]
+LOCAL = [DEFAULT, *TINY]  # prepared into a local directory (config, tokenizer, model.safetensors)
+
+
+# Shapes of the registry's models (as ModelSpec fields), known without loading or downloading them:
+# the configuration's layer indices and memory estimates are checked against these before any job.
+SPECS = {
+    "smollm2-135m": dict(arch="llama", n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_head=64, d_mlp=1536,
+                         vocab_size=49152, n_positions=0),
+    "gpt2": dict(arch="gpt2", n_layers=12, n_heads=12, n_kv_heads=12, d_model=768, d_head=64, d_mlp=3072,
+                 vocab_size=50257, n_positions=1024),
+    "gpt2-xl": dict(arch="gpt2", n_layers=48, n_heads=25, n_kv_heads=25, d_model=1600, d_head=64, d_mlp=6400,
+                    vocab_size=50257, n_positions=1024),
+    **{name: dict(arch=c["arch"], n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads", c["n_heads"]),
+                  d_model=c["d_model"], d_head=c["d_model"] // c["n_heads"],
+                  d_mlp=4 * c["d_model"] if c["arch"] == "gpt2" else 2 * c["d_model"], vocab_size=50257,
+                  n_positions=256 if c["arch"] == "gpt2" else 0)
+       for name, c in TINY.items()},
+}
+
+
+def spec_from_config(cfg: dict) -> dict:
+    """The ModelSpec fields of a Hugging Face ``config.json`` (GPT-2 or Llama/Qwen2 style)."""
+    if "n_layer" in cfg:
+        d, h = cfg["n_embd"], cfg["n_head"]
+        return dict(arch="gpt2", n_layers=cfg["n_layer"], n_heads=h, n_kv_heads=h, d_model=d, d_head=d // h,
+                    d_mlp=cfg.get("n_inner") or 4 * d, vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"])
+    d, h = cfg["hidden_size"], cfg["num_attention_heads"]
+    return dict(arch="llama", n_layers=cfg["num_hidden_layers"], n_heads=h,
+                n_kv_heads=cfg.get("num_key_value_heads") or h, d_model=d, d_head=cfg.get("head_dim") or d // h,
+                d_mlp=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], n_positions=0)
+
+
+def cached_spec(name: str) -> dict | None:
+    """The shape of a hub model from its ``config.json`` in the local Hugging Face cache (no download),
+    or None when it is not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(HUB_IDS.get(name, name.removeprefix("hf:")), "config.json")
+        if isinstance(path, str):
+            return spec_from_config(json.loads(Path(path).read_text()))
+    except Exception:  # noqa: BLE001 - an unusual config: the model's shape is checked once it is prepared
+        return None
+    return None
 
 
 class ModelUnavailableError(RuntimeError):
@@ -63,13 +107,15 @@ class LoadedModel:
         return self.manifest["description"]
 
 
-def check_name(name: str) -> None:
-    """Raise :class:`ModelUnavailableError` unless ``name`` is a known model name."""
-    if name in KNOWN or name.startswith("hf:"):
+def check_name(name: str, key: str = "model.name", extra: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ModelUnavailableError` unless ``name`` is a known model name (or one of ``extra``);
+    the message names the config ``key``."""
+    if name in KNOWN or name in extra or (name.startswith("hf:") and name[3:].strip() != ""):
         return
+    known = ", ".join([*extra, *KNOWN])
     raise ModelUnavailableError(
-        f"unknown model name '{name}' (config key model.name). "
-        f"Known names: {', '.join(KNOWN)}, or 'hf:<repo id>' for any Hugging Face causal LM."
+        f"config key '{key}' is '{name}', which is not a model name. Known names: {known}, or "
+        f"'hf:<repo id>' for any Hugging Face causal LM (e.g. hf:Qwen/Qwen2.5-0.5B). Fix: set {key} to one of them."
     )
 
 
@@ -234,11 +280,12 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "
     d = Path(model_dir)
     mpath = d / "manifest.json"
     if not mpath.exists():
-        raise ModelUnavailableError(f"{mpath} is missing: run 'snakemake prepare_model' first")
+        raise ModelUnavailableError(f"{mpath} is missing: run 'snakemake all', which prepares the model")
     try:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelUnavailableError(f"{mpath} is not valid JSON ({exc}); delete it and rerun") from exc
+        raise ModelUnavailableError(f"{mpath} is not valid JSON ({exc}); rebuild the model: rm {mpath} && "
+                                    "snakemake all") from exc
     if manifest["source"]["kind"] == "hub":
         hf, tok = _load_hub(manifest["source"]["repo_id"])
     else:
@@ -246,8 +293,8 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "
             path = d / fname
             if not path.exists() or sha256_file(path) != digest:
                 raise ModelUnavailableError(
-                    f"{path} is missing or does not match the hash in {mpath}: delete {d} and rerun "
-                    "the prepare_model rule"
+                    f"{path} is missing or does not match the hash in {mpath}; rebuild the model: rm {mpath} && "
+                    "snakemake all (the rule that made it prepares it again)"
                 )
         hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
         if manifest["name"] in TINY:

@@ -122,13 +122,11 @@ def read_json(path: str | os.PathLike):
     """Read a JSON artifact; a missing or corrupt file raises :class:`ArtifactError`."""
     path = Path(path)
     if not path.exists():
-        raise ArtifactError(f"{path} does not exist: run the rule that makes it (snakemake {path})")
+        raise ArtifactError(f"{path} does not exist: run 'snakemake all', which rebuilds missing files")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(
-            f"{path} is corrupt ({exc}); delete it and rerun 'snakemake {path}'"
-        ) from exc
+        raise ArtifactError(f"{path} is corrupt ({exc}); delete it and rerun: rm {path} && snakemake all") from exc
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -216,7 +214,8 @@ SAFETENSORS_KEY = "mechrepro"  # the one metadata entry of our safetensors artif
 
 
 def _rebuild(path: str | os.PathLike, rule: str | None) -> str:
-    return f"rerun 'snakemake --forcerun {rule}'" if rule else f"delete it and rerun 'snakemake {path}'"
+    """How to remake an artifact whose bytes are intact but whose content is not what is expected."""
+    return f"rebuild it: snakemake --forcerun {rule}" if rule else f"delete it and rerun: rm {path} && snakemake all"
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping | None = None) -> Path:
@@ -259,14 +258,13 @@ def load_safetensors(path: str | os.PathLike, *, keys: Iterable[str] = (),
     path = Path(path)
     fix = _rebuild(path, rule)
     if not path.exists():
-        raise ArtifactError(f"{path} does not exist: " + (f"run 'snakemake --forcerun {rule}'" if rule else
-                                                         f"run the rule that makes it (snakemake {path})"))
+        raise ArtifactError(f"{path} does not exist: run 'snakemake all', which rebuilds missing files")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(dict(f.metadata() or {}).get(SAFETENSORS_KEY, "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise ArtifactError(f"{path} is corrupt ({exc}); {fix}") from exc
+        raise ArtifactError(f"{path} is corrupt ({exc}); delete it and rerun: rm {path} && snakemake all") from exc
     missing = [k for k in [*keys, *(shapes or {})] if k not in tensors]
     if missing:
         raise ArtifactError(f"{path} lacks the tensors {missing} (it has {sorted(tensors)}); {fix}")

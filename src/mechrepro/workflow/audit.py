@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mechrepro.workflow import integrity as msg
 from mechrepro.workflow.artifacts import PROV_SUFFIX, sha256_file, source_sha256
 from mechrepro.workflow.scorecard import lookup
 
@@ -112,8 +113,7 @@ class Auditor:
                 raise ValueError("no 'sha256' field")
             return record
         except (ValueError, UnicodeDecodeError) as exc:
-            self.problem(indent, f"{rel}{PROV_SUFFIX} is unreadable ({exc}); rebuild {rel} "
-                                 f"(snakemake --forcerun {rel}, then snakemake all)")
+            self.problem(indent, msg.bad_sidecar(rel, str(exc)))
             return {}
 
     # ---------------------------------------------------------------- walk
@@ -143,21 +143,22 @@ class Auditor:
         if actual is None:
             self.out(head + "  MISSING")
             who = f" (an input of {consumer})" if consumer else ""
-            self.problem(ind, f"{rel}{who} does not exist; rebuild it: snakemake all")
+            fix = "rebuild it: snakemake all" if msg.is_artifact(rel) else "restore it (a source file)"
+            self.problem(ind, f"{rel}{who} does not exist; {fix}")
             return
         if recorded is not None and recorded != actual:
             self.out(f"{head}  sha256 {actual}  DIFFERS")
             self.problem(ind, f"{rel} differs from the hash recorded by {consumer}: recorded {recorded}, "
-                              f"on disk {actual}")
+                              f"on disk {actual}; {consumer} is out of date: 'snakemake all' rebuilds it")
         record = self.load_sidecar(rel, ind)
         if record is None:
             kind = self.manifest_listing(rel)
             if recorded is None or recorded == actual:
                 self.out(f"{head}  sha256 {actual}  OK ({kind or 'source file, no sidecar'})")
             if kind is None and depth == 0:
-                self.problem(ind, f"{rel} has no provenance sidecar {rel}{PROV_SUFFIX}: it was not made by "
-                                  "the workflow, or the sidecar was deleted; rebuild it with "
-                                  f"'snakemake --forcerun {rel}'")
+                self.problem(ind, msg.no_sidecar(rel) if msg.is_artifact(rel) else
+                             f"{rel} is a source file, not made by the workflow (no provenance sidecar); audit "
+                             "a result instead (a file under results/ or figures/)")
             if kind is not None:
                 self.check_manifest(str(Path(rel).parent / MANIFEST), ind + "    ")
             return
@@ -167,9 +168,7 @@ class Auditor:
         if recorded is None or recorded == actual:
             self.out(f"{head}  sha256 {actual}  {'OK' if own_ok else 'DIFFERS'}")
         if not own_ok:
-            self.problem(ind, f"{rel} differs from its provenance record {rel}{PROV_SUFFIX}: recorded "
-                              f"{record.get('sha256')}, on disk {actual} (the file was modified after it "
-                              f"was written; rebuild it with 'dvc repro' or 'snakemake --forcerun {rel}')")
+            self.problem(ind, msg.modified(rel, record.get("sha256"), actual))
         if record.get("artifact") not in (None, rel):
             self.result.notes.append(f"{rel}{PROV_SUFFIX} names the artifact {record.get('artifact')}")
         if rel in self._shown:
@@ -229,7 +228,7 @@ class Auditor:
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            self.problem(ind, f"{manifest_rel} is unreadable ({exc}); rebuild it: snakemake --forcerun prepare_model")
+            self.problem(ind, msg.bad_manifest(manifest_rel, str(exc)))
             self._manifests_checked[manifest_rel] = None
             return None
         self._manifests_checked[manifest_rel] = manifest
@@ -240,9 +239,7 @@ class Auditor:
             actual = self.sha(frel)
             if actual != digest:
                 bad.append(frel)
-                state = "is missing" if actual is None else f"differs (recorded {digest}, on disk {actual})"
-                self.problem(ind, f"model file {frel} {state}; delete {Path(manifest_rel).parent} and rerun "
-                                  "'snakemake all' (prepare_model rebuilds it)")
+                self.problem(ind, msg.model_file(frel, manifest_rel, digest, actual))
         where = (manifest.get("source") or {}).get("kind")
         if files:
             self.out(f"{ind}  model files: {len(files) - len(bad)}/{len(files)} match {manifest_rel}")
@@ -263,7 +260,8 @@ class Auditor:
             manifest = self.check_manifest(manifest_rel, ind)
             if manifest and model.get("weight_sha256") and manifest.get("weight_sha256") != model["weight_sha256"]:
                 self.problem(ind, f"{rel} records model weights {model['weight_sha256']} but {manifest_rel} "
-                                  f"has {manifest.get('weight_sha256')}")
+                                  f"has {manifest.get('weight_sha256')}: {rel} is out of date; 'snakemake all' "
+                                  "rebuilds it")
 
     _MD_ROW = re.compile(r"^\| (?P<study>[^|]+) \| (?P<id>[^|]+) \| [^|]* \| [^|]* \| (?P<ours>[^|]+) \| "
                          r"[^|]* \| [^|]* \| `(?P<artifact>[^`]+)` : `(?P<key>[^`]+)` \|$")

@@ -88,8 +88,8 @@ def build(jobs: list[dict]) -> dict:
         }
         if keys:  # a rule that reads no config key has no params (an empty list is not one)
             stage["params"] = [{"config/config.yaml": keys}]
-        if outs:
-            stage["outs"] = outs
+        if outs:  # a model's weights: hash recorded, not copied into DVC's cache (rebuilt by their rule)
+            stage["outs"] = [{o: {"cache": False}} if o.endswith("model.safetensors") else o for o in outs]
         if metrics:
             stage["metrics"] = [{m: {"cache": False}} for m in metrics]
         stages[stage_name(job)] = stage

@@ -15,6 +15,15 @@ def model_dir(name: str) -> str:
     return f"resources/models/{safe}"
 
 
+def model_weights(name: str, folder: str) -> list[str]:
+    """The weights file of a model prepared into ``folder``: an output of the rule that prepares it,
+    so that DVC tracks it (``dvc status`` sees a damaged file). ``[]`` for a hub model, whose
+    weights stay in the Hugging Face cache; ``organism`` is Study C's trained model."""
+    from mechrepro.core.registry import LOCAL
+
+    return [f"{folder}/model.safetensors"] if name in LOCAL or name == "organism" else []
+
+
 def figure_outputs(study: str, config: dict) -> list[str]:
     """The figures (PNG) of one study that the configuration draws."""
     from mechrepro.studies import study as get
@@ -64,15 +73,52 @@ def all_outputs(config: dict) -> list[str]:
     return outs + ["results/scorecard.md"]
 
 
+def every_output(targets: list[str], rules) -> list[str]:
+    """Every file made by the jobs that ``targets`` need, the targets included (``rule all``'s inputs).
+
+    Snakemake rebuilds a missing file only when it is a target or when a job that must run anyway
+    needs it: a deleted intermediate (or the outputs of a failed job) whose consumers are up to date
+    would stay missing for good. Listing every job's outputs as targets makes ``snakemake all``
+    rebuild any missing file; what depends on it reruns only if the rebuilt file differs (Snakemake
+    compares the checksums of small inputs) or is large.
+
+    ``rules`` are Snakemake's rules (``workflow.rules``): the files are found by walking back from
+    the targets through the rules' outputs and inputs, as Snakemake's own DAG does, so nothing is
+    listed twice and a configuration's unused rules contribute nothing.
+    """
+    rules = [r for r in rules if r.name != "all"]
+    todo, seen, made = list(targets), set(), set()
+    while todo:
+        path = str(todo.pop())
+        if path in seen:
+            continue
+        seen.add(path)
+        rule = next((r for r in rules if any(o.match(path) for o in r.output)), None)
+        if rule is None:  # a source file: config, data file, notebook, code
+            continue
+        wildcards = rule.get_wildcards(path)
+        outputs = [str(o) for o in rule.expand_output(wildcards)[0]]
+        made.update(outputs)
+        seen.update(outputs)
+        todo += [str(f) for f in rule.expand_input(wildcards)[0]]
+    return sorted(made)
+
+
 def record_in_dvc(config_settings) -> None:
     """After a successful ``snakemake`` run: record the artifacts' hashes in ``dvc.lock``.
 
     Skipped when ``--config`` or ``--configfile`` overrides make config/config.yaml untrue (DVC
-    reads its params from that file), or where DVC is not set up.
+    reads its params from that file), or where DVC is not set up. Refused (exit status 1, nothing
+    recorded) when an artifact differs from its provenance record or a model file from its
+    manifest: ``dvc.lock`` must never call a damaged file up to date
+    (:mod:`mechrepro.workflow.integrity`).
     """
     import os
     import shutil
     import subprocess
+    import sys
+
+    from mechrepro.workflow.integrity import check_files, refusal
 
     if not os.path.isdir(".dvc") or shutil.which("dvc") is None:
         return
@@ -80,6 +126,10 @@ def record_in_dvc(config_settings) -> None:
     if config_settings.config or extra_files:
         print("dvc.lock not updated: this run used config overrides (DVC reads config/config.yaml)")
         return
+    problems = check_files(_dvc_files())
+    if problems:
+        print(refusal(problems, "dvc.lock not updated"), file=sys.stderr)
+        raise SystemExit(1)
     # 'dvc commit' checks the outputs out of its cache again, which gives them new modification
     # times in no particular order; Snakemake would then see inputs newer than their outputs and
     # rerun jobs. The times are put back.
@@ -93,21 +143,30 @@ def record_in_dvc(config_settings) -> None:
         print("dvc.lock not updated (run 'dvc commit' after a complete run):", done.stderr.strip()[-300:])
 
 
-def _artifact_times(dvc_yaml: str = "dvc.yaml") -> dict[str, tuple[int, int, int]]:
-    """(size, atime, mtime) in ns of every file under the ``outs`` of ``dvc_yaml``'s stages."""
+def _dvc_files(dvc_yaml: str = "dvc.yaml", kinds: tuple[str, ...] = ("outs", "metrics")) -> list[str]:
+    """Every existing file under the ``outs`` (and metrics) of ``dvc_yaml``'s stages."""
     import os
 
     import yaml
 
     with open(dvc_yaml) as fh:
         stages = (yaml.safe_load(fh) or {}).get("stages", {})
-    outs = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
-    times = {}
+    outs = sorted({next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for kind in kinds
+                   for o in st.get(kind, [])})
+    files = []
     for out in outs:
-        paths = [out] if os.path.isfile(out) else [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
-        for path in paths:
-            st = os.stat(path)
-            times[path] = (st.st_size, st.st_atime_ns, st.st_mtime_ns)
+        files += [out] if os.path.isfile(out) else sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs)
+    return files
+
+
+def _artifact_times(dvc_yaml: str = "dvc.yaml") -> dict[str, tuple[int, int, int]]:
+    """(size, atime, mtime) in ns of every file under the ``outs`` of ``dvc_yaml``'s stages."""
+    import os
+
+    times = {}
+    for path in _dvc_files(dvc_yaml, ("outs",)):
+        st = os.stat(path)
+        times[path] = (st.st_size, st.st_atime_ns, st.st_mtime_ns)
     return times
 
 

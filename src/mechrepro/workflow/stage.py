@@ -34,7 +34,21 @@ def setup(snk) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
     use_device(snk.config["model"]["device"], snk.config["model"].get("dtype", "float32"))
     torch.manual_seed(snk.config["seed"])
-    torch.set_num_threads(max(1, getattr(snk, "threads", 2) or 2))
+    torch.set_num_threads(torch_threads(snk))
+
+
+def torch_threads(snk) -> int:
+    """The job's torch thread count: its rule's ``threads``, whatever ``--cores`` allows.
+
+    Snakemake gives a job ``min(threads, --cores)`` threads, and a sum over many terms (a gradient,
+    a mean over a large tensor) is added in another order on one thread than on two, so a job's
+    numbers would depend on ``--cores``. The Snakefile copies each rule's declared ``threads`` into
+    the resource ``torch_threads`` (not capped by ``--cores``); a serial run then runs a two-thread
+    job on two threads, one job at a time.
+    """
+    resources = getattr(snk, "resources", None)
+    declared = getattr(resources, "torch_threads", None) if resources is not None else None
+    return max(1, int(declared or getattr(snk, "threads", 1) or 1))
 
 
 def use_device(device: str, dtype: str = "float32") -> str:
@@ -74,16 +88,28 @@ def load_model(snk, manifest: str | None = None):
 
 
 def dispatch(snk) -> None:
-    """Run the stage function named after the Snakemake rule ``snk.rule``."""
+    """Run the stage function named after the Snakemake rule ``snk.rule``.
+
+    First the job's inputs are checked against their provenance records (a damaged input is
+    refused: :func:`mechrepro.workflow.integrity.preflight`) and the old sidecars of its outputs
+    are removed; if the stage fails, the sidecars it wrote are removed as well, since Snakemake
+    deletes a failed job's outputs (no sidecar outlives its artifact).
+    """
     import importlib
 
     from mechrepro.studies import stage_module
+    from mechrepro.workflow.integrity import preflight, remove_sidecars
 
     module = stage_module(snk.rule)
     fn = getattr(importlib.import_module(module), snk.rule, None)
     if not callable(fn):
         raise LookupError(f"no stage function '{snk.rule}' in {module}")
-    return fn(snk)
+    preflight(list(snk.input), list(snk.output))
+    try:
+        return fn(snk)
+    except BaseException:
+        remove_sidecars(list(snk.output))
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +126,17 @@ def prepare_model(snk) -> None:
     manifest = prepare(name, Path(snk.output.manifest).parent, seed=snk.config["seed"])
     log.info("prepared %s (%s) in %.1fs, weights sha256 %s", name, manifest["description"], time.time() - t,
              manifest["weight_sha256"][:16])
+    check_config_against_model(snk)
     art.write_provenance(snk.output.manifest, prov(snk, manifest))
+
+
+def check_config_against_model(snk) -> None:
+    """Once a model is prepared, check the configuration against its shape (layer indices, head
+    counts, memory), before any job uses it: at parse time the shape of a hub model that was not
+    in the local cache was unknown. A ``ConfigError`` fails this job, so no dependent job runs."""
+    from mechrepro.workflow.config import validate
+
+    validate(dict(snk.config), root=".")
 
 
 def scorecard(snk) -> None:

@@ -93,13 +93,15 @@ def caption(config: dict, fig: str) -> str:
 
 
 def check_config(config: dict, root: str) -> None:
-    """The IOI prompt material must parse and have enough single-token names (before any job runs)."""
+    """Before any job runs: the IOI prompt material parses and has enough single-token names; every
+    count is within its bound (head counts within the model's heads)."""
     from pathlib import Path
 
-    from mechrepro.studies.ioi_generalization.checks import check_single_token_names, load_ioi_data
+    from mechrepro.studies.ioi_generalization.checks import check_counts, check_single_token_names, load_ioi_data
 
     data_path = Path(root) / config["ioi"]["data_file"]
     check_single_token_names(load_ioi_data(data_path), data_path, config, root)
+    check_counts(config, root)
 
 
 STUDY = Study(

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechrepro.studies.ioi_generalization.data import DatasetError, check_template, single_token_words
-from mechrepro.workflow.config import ConfigError, read_yaml
+from mechrepro.workflow.config import (IOI_TOKENS, Bound, ConfigError, activation_bytes, check_bounds, dtype_bytes, fixed,
+                                       memory_cost, memory_limit, model_spec, read_yaml, require_strings, work_cost)
 
 
 def load_ioi_data(path: str | Path) -> dict:
@@ -22,7 +23,14 @@ def load_ioi_data(path: str | Path) -> dict:
                                        "material (the default is config/ioi_data.yaml)"), ConfigError)
     for key in ("templates", "variant_sentences", "names", "places", "objects"):
         if not isinstance(data, dict) or not data.get(key):
-            raise ConfigError(f"{path}: the key '{key}' is missing or empty")
+            raise ConfigError(f"{path}: the key '{key}' is missing or empty (config key ioi.data_file; the default "
+                              "is config/ioi_data.yaml)")
+    for key in ("templates", "names", "places", "objects"):
+        require_strings(path, key, data[key] if isinstance(data[key], list) else str(data[key]))
+    if not isinstance(data["variant_sentences"], dict):
+        raise ConfigError(f"{path}: 'variant_sentences' must map each variant to a list of sentences")
+    for variant, sentences in data["variant_sentences"].items():
+        require_strings(path, f"variant_sentences.{variant}", sentences)
     try:
         for i, t in enumerate(data["templates"]):
             check_template(t, i)
@@ -93,3 +101,47 @@ def check_single_token_names(data: dict, path: Path, config: dict, root: str | P
         raise ConfigError(f"{path}: only {len(single)} of the {len(names)} names are single tokens for the "
                           f"tokenizer of model '{config['model']['name']}', {need} are needed "
                           f"(ioi.min_single_token_names); {fix}")
+
+
+# ------------------------------------------------------------------ upper bounds of Study A's counts
+def _heads(config: dict, spec: dict | None) -> int | None:
+    return None if spec is None else spec["n_layers"] * spec["n_heads"]
+
+
+def _passes(per_prompt: float, key: str = "ioi.n_prompts"):
+    """Forward passes of ``per_prompt`` per prompt (times the variants for ``ioi.n_prompts``)."""
+    def unit(config: dict, value: int) -> float:
+        return value * per_prompt * (len(config["ioi"]["variants"]) if key == "ioi.n_prompts" else 1)
+    return unit
+
+
+def _rows_bytes(backward: bool = False):
+    return lambda c, s, v: activation_bytes(s, v, IOI_TOKENS, dtype_bytes(c), backward)
+
+
+def _heads_cost(config: dict, spec: dict | None, value: int) -> str:
+    return f"the model has {_heads(config, spec)} heads; more cannot be ranked or kept"
+
+
+BOUNDS = [
+    Bound("ioi.n_prompts", fixed(10_000), work_cost(_passes(8), "forward passes in ioi_evaluate (8 per prompt and variant)")),
+    Bound("circuit.n_prompts", fixed(2_000), work_cost(lambda c, v: v * (2 + 2 * c["circuit"]["confirm_top_k"]),
+                                                       "forward passes per path-patching step of the discovery")),
+    Bound("head_patching.n_prompts", fixed(2_000), work_cost(lambda c, v: v * (c["head_patching"]["confirm_all_positions"] + 3),
+                                                             "forward passes in ioi_head_patching")),
+    Bound("value_paths.n_prompts", fixed(5_000),
+          work_cost(lambda c, v: v * 2 * c["value_paths"]["confirm_top_k"], "forward passes per variant")),
+    Bound("circuit.max_rows", memory_limit(_rows_bytes()),
+          memory_cost(_rows_bytes(), "one patching pass over that many prompt copies")),
+    Bound("head_patching.grad_batch", memory_limit(_rows_bytes(True)),
+          memory_cost(_rows_bytes(True), "one attribution pass (forward and backward) over that many prompts")),
+    *(Bound(key, _heads, _heads_cost) for key in (
+        "circuit.confirm_top_k", "value_paths.confirm_top_k", "head_patching.top_k",
+        "head_patching.confirm_all_positions", *(f"circuit.max_heads.{c}" for c in (
+            "name_mover", "negative_name_mover", "s_inhibition", "induction", "duplicate_token", "previous_token")))),
+]
+
+
+def check_counts(config: dict, root: str | Path = ".") -> None:
+    """Every count of Study A within its bound (:class:`mechrepro.workflow.config.Bound`)."""
+    check_bounds(config, BOUNDS, model_spec(config["model"]["name"], root))

@@ -71,7 +71,16 @@ STUDY = Study(
     figures=FIGURES,
     scorecard=["study_c"],
     caption=caption,
+    check_config=lambda config, root: _check(config, root),
 )
+
+
+def _check(config: dict, root: str) -> None:
+    """Before any job runs: the model name, the organism's shape and the counts
+    (:mod:`mechrepro.studies.mcq_circuits.checks`)."""
+    from mechrepro.studies.mcq_circuits.checks import check_config
+
+    check_config(config, root)
 
 
 def model_dir(name: str) -> str:

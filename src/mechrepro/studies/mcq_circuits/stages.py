@@ -81,6 +81,7 @@ def mcq_model(snk) -> None:
 
         manifest = prepare_model(cfg["model"], out, seed=snk.config["seed"])
         summary = {"model": manifest["name"], "trained": False, "description": manifest["description"]}
+        stage.check_config_against_model(snk)
     summary.setdefault("timings", {})["total_seconds"] = round(time.time() - t, 1)
     log.info("%s ready in %.0fs: %s", manifest["name"], time.time() - t, manifest["description"])
     prov = stage.prov(snk, manifest)

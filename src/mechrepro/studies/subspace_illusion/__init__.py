@@ -80,16 +80,11 @@ def caption(config: dict, fig: str) -> str:
 
 
 def check_config(config: dict, root: str) -> None:
-    """The IOI pair templates must parse (before any job runs)."""
-    from pathlib import Path
+    """Before any job runs: the data files, the layers against the model's shape and the counts
+    (:mod:`mechrepro.studies.subspace_illusion.checks`)."""
+    from mechrepro.studies.subspace_illusion.checks import check_config as check
 
-    from mechrepro.studies.subspace_illusion.ioi import load_data
-    from mechrepro.workflow.config import ConfigError
-
-    try:
-        load_data(Path(root) / config["subspace_ioi"]["data_file"])
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    check(config, root)
 
 
 STUDY = Study(

@@ -24,7 +24,7 @@ def per_layer(summaries: list[tuple[str, dict]], fields: tuple[str, ...]) -> dic
     for path, s in summaries:
         missing = [k for k in fields if k not in s]
         if missing:
-            raise ValueError(f"{path}: missing {missing}; rebuild it (snakemake --forcerun)")
+            raise ValueError(f"{path}: missing {missing}; rebuild it: rm {path} && snakemake all")
         out[str(s["layer"])] = {k: s[k] for k in fields}
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
@@ -39,7 +39,7 @@ def merge_parts(manifest: dict, parts: list[tuple[str, object]]) -> dict:
     origin: dict[str, str] = {}
     for path, part in parts:
         if not isinstance(part, dict):
-            raise ArtifactError(f"{path}: a metrics part must be a JSON object; rerun the rule that makes it")
+            raise ArtifactError(f"{path}: a metrics part must be a JSON object; rebuild it: rm {path} && snakemake all")
         for key, value in part.items():
             if key in metrics:
                 raise ValueError(f"metrics part {path} has the key '{key}', which "
