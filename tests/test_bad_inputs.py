@@ -6,10 +6,12 @@ file and saying how to fix it, and leave earlier artifacts untouched.
 * Configuration mistakes (``CONFIG_CASES``) are caught when the Snakefile is parsed: no job starts
   and no file changes. They run ``snakemake all`` for real (not ``-n``): a check that let the run
   through would start the work and fail the "untouched" check.
-* Mistakes that only a job can see (``RUNTIME_CASES``: the hub unreachable, a truncated model or
-  artifact, a circuit head outside the model) stop the first job that reads the bad input, within
-  seconds. Snakemake deletes the outputs of a job it starts (before running it); every other file
-  is unchanged, and no partial output is left.
+* Damaged files (``DAMAGED_CASES``: a truncated model or artifact) differ from their provenance
+  records: the run stops before any job starts (Snakemake's ``onstart``), and nothing changes.
+* Mistakes that only a job can see (``RUNTIME_CASES``: the hub unreachable, a circuit head outside
+  the model) stop the first job that reads the bad input, within seconds. Snakemake deletes the
+  outputs of a job it starts (before running it); every other file is unchanged, and no partial
+  output is left.
 
 The multiple-choice item with fewer than two options belongs to Study C, which does not exist yet.
 """
@@ -111,7 +113,7 @@ CONFIG_CASES = {
     "key_typo_in_config_file": (lambda w: ["--configfile", _config_file(w, "typo.yaml", "ioi:\n  n_promts: 10\n")],
                                 ["unknown config key 'ioi.n_promts'", "allowed keys under ioi"]),
     "wrong_type_on_command_line": (lambda w: ["--config", "model={batch_size: lots}"],
-                                   ["'model.batch_size' is 'lots'", "must be of type integer"]),
+                                   ["'model.batch_size' is 'lots'", "must be an integer"]),
     "wrong_type_in_config_file": (lambda w: ["--configfile", _config_file(w, "types.yaml", "seed: '0'\nfigures:\n  dpi: 72.5\n")],
                                   ["'seed' is '0'", "'figures.dpi' is 72.5", "integer"]),
     "missing_data_file": (lambda w: ["--config", "ioi={data_file: config/nope.yaml}"],
@@ -179,8 +181,14 @@ def _truncate(path: Path) -> None:
 
 
 def _bad_head(work: Path) -> None:
+    """A circuit naming a head the model lacks, recorded as made by the workflow (its sidecar's hash
+    updated, as if older code had written it): only the job's own check can see it."""
+    import json
+
     path = work / RESULTS / "circuit.json"
     path.write_text(re.sub(r'"name_mover": \[\s*\[\s*(\d+),\s*(\d+)', r'"name_mover": [[\1, 7', path.read_text(), count=1))
+    side = Path(str(path) + ".prov.json")
+    side.write_text(json.dumps({**json.loads(side.read_text()), "sha256": sha256(path)}, indent=2))
 
 
 RUNTIME_CASES = {
@@ -188,12 +196,6 @@ RUNTIME_CASES = {
     "hub_model_offline": (None, ["--config", "model={name: gpt2}"],
                           ["cannot load 'openai-community/gpt2'", "not in the local Hugging Face cache",
                            "HF_HOME", "model={name: smollm2-135m}"], "prepare_model"),
-    "truncated_safetensors": (lambda w: _truncate(w / "resources/models/tiny-gpt2/model.safetensors"),
-                              ["--forcerun", "ioi_inference"],
-                              ["resources/models/tiny-gpt2/model.safetensors", "does not match the hash",
-                               "rerun the prepare_model rule"], "ioi_inference"),
-    "truncated_json_artifact": (lambda w: _truncate(w / RESULTS / "data" / "base.json"), [],
-                                [f"{RESULTS}/data/base.json is corrupt", "delete it and rerun"], None),
     "circuit_head_out_of_range": (_bad_head, [],
                                   [f"{RESULTS}/circuit.json: head [", "of class 'name_mover' is not a [layer, head] pair",
                                    "heads 0-3", "snakemake --forcerun ioi_circuit"], "(?:ioi_|subspace_ioi_)"),
@@ -222,9 +224,38 @@ def test_bad_input_stops_the_first_job(finished, tmp_path, case):
     if rule:
         assert re.search(rf"^(?:local)?rule {rule}", out, re.M), out[-3000:]
     after = _state(work)
-    untouched = {rel for rel in before if rel not in started}
+    # the failed job's outputs and their sidecars are gone; every other file is untouched
+    untouched = {rel for rel in before if rel.removesuffix(".prov.json") not in started}
     assert {rel: after.get(rel) for rel in untouched} == {rel: before[rel] for rel in untouched}
-    assert not [rel for rel in started if rel in after], "a failed job left an output"
+    assert not [rel for rel in started if rel in after or f"{rel}.prov.json" in after], "a failed job left an output"
+
+
+# Damaged files: refused before any job starts (no job deletes its outputs to run on them)
+DAMAGED_CASES = {
+    "truncated_safetensors": (lambda w: _truncate(w / "resources/models/tiny-gpt2/model.safetensors"),
+                              ["--forcerun", "ioi_inference"],
+                              ["model file resources/models/tiny-gpt2/model.safetensors differs from",
+                               "rm resources/models/tiny-gpt2/manifest.json && snakemake all"]),
+    "truncated_json_artifact": (lambda w: _truncate(w / RESULTS / "data" / "base.json"), [],
+                                [f"{RESULTS}/data/base.json differs from its provenance record",
+                                 f"rm {RESULTS}/data/base.json && snakemake all"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_CASES))
+def test_damaged_input_stops_the_run_before_any_job(finished, tmp_path, case):
+    damage, args, needles = DAMAGED_CASES[case]
+    work = tmp_path / "run"
+    shutil.copytree(finished, work, symlinks=True)
+    damage(work)
+    before = _state(work)
+    done, out, took = _snakemake(work, *args)
+    assert done.returncode == 1, out[-3000:]
+    for needle in needles:
+        assert needle in out, (needle, out[-4000:])
+    assert "Refusing to start" in out and "Execute" not in out, out[-3000:]
+    assert took < 120
+    assert _state(work) == before
 
 
 # ------------------------------------------------------------------------------------------------

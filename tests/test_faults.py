@@ -7,8 +7,8 @@
   process group) at three points. After each kill no file under its final name is truncated.
   The next ``snakemake all`` stops at once with Snakemake's stale-lock message naming the recovery
   command (``snakemake --unlock``) and changes nothing; after it, ``snakemake all`` completes (the
-  workflow profile sets ``rerun-incomplete``) and its artifacts equal the clean serial run's,
-  byte for byte.
+  workflow profile sets ``rerun-incomplete``) and its artifacts equal those of the clean serial
+  run and of the clean ``--cores 2`` run, byte for byte.
 * Tampering: one byte of an intermediate artifact changed is reported by ``dvc status`` and by
   ``python -m mechrepro audit``; ``dvc repro`` restores it.
 """
@@ -248,10 +248,13 @@ def killed_and_recovered(tmp_path_factory):
 
 
 @pytest.mark.workflow
-def test_killed_runs_recover_to_the_clean_result(killed_and_recovered, serial):
+@pytest.mark.parametrize("clean", ["serial", "smoke"])
+def test_killed_runs_recover_to_the_clean_result(killed_and_recovered, clean, request):
+    """The killed-and-recovered serial run equals the clean serial run and the clean --cores 2 run
+    (``smoke``), byte for byte (executed notebooks without papermill's execution metadata)."""
     work, report = killed_and_recovered
     assert len(report) == len(KILL_POINTS)
-    diffs, how = compare_runs(serial, work)
+    diffs, how = compare_runs(request.getfixturevalue(clean), work)
     assert not diffs, "\n".join(diffs)
     assert all(rel.startswith("results/notebooks/") or "JSON" in kind or "without the hashes" in kind
                for rel, kind in how.items()), how

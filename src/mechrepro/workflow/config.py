@@ -16,7 +16,6 @@ import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import jsonschema

@@ -69,7 +69,7 @@ def bad_sidecar(rel: str, why: str) -> str:
 def model_file(frel: str, manifest_rel: str, recorded: str, actual: str | None) -> str:
     state = "is missing" if actual is None else f"differs from {manifest_rel} (recorded sha256 {recorded}, on disk {actual})"
     return (f"model file {frel} {state}; rebuild the model: {rebuild(manifest_rel)} (the rule that made it "
-            "prepares it again)")
+            "prepares it again, and the jobs that use it rerun)")
 
 
 def bad_manifest(manifest_rel: str, why: str) -> str:
@@ -199,12 +199,12 @@ def remove_sidecars(outputs: Iterable[str | os.PathLike]) -> None:
 
 
 def preflight(inputs: Iterable[str | os.PathLike], outputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Before a job runs: raise :class:`IntegrityError` if an input differs from its record; remove
-    the sidecars of its outputs."""
+    """Before a job runs: remove the sidecars of its outputs (Snakemake has deleted the outputs), then
+    raise :class:`IntegrityError` if an input differs from its record."""
+    remove_sidecars(outputs)
     problems = check_files(inputs)
     if problems:
         raise IntegrityError(refusal(problems, "refusing to run on damaged inputs"))
-    remove_sidecars(outputs)
 
 
 def check_before_run(jobs: Iterable[tuple[Iterable, Iterable]]) -> None:

@@ -78,6 +78,23 @@ def check_corpus(path: Path) -> None:
         raise ConfigError(f"{key}: {path} is empty; use a text file with English prose, or stdlib_docs")
 
 
+# Words in the documentation strings of the standard library that rome.corpus 'stdlib_docs' reads
+# (46,872 with Python 3.12; about 65,000 GPT-2 tokens), rounded down for other Python versions.
+STDLIB_DOCS_WORDS = 40_000
+
+
+def corpus_words(config: dict, root: str | Path = ".") -> int | None:
+    """Words in the key-statistic corpus: a lower bound of its tokens for any tokenizer."""
+    corpus = config["rome"]["corpus"]
+    if corpus == "stdlib_docs":
+        return STDLIB_DOCS_WORDS
+    path = Path(root) / corpus
+    try:
+        return len(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def check_layers_of(config: dict, spec: dict | None) -> None:
     name = config["model"]["name"]
     check_layers("facts.layers", config["facts"]["layers"], spec, name)
@@ -87,8 +104,17 @@ def check_layers_of(config: dict, spec: dict | None) -> None:
                      why="the name movers read the site from a layer above it")
 
 
+MAX_CHUNK = 8192  # tokens per corpus row without learned positions (rotary): SmolLM2's context
+
+
 def _positions(config: dict, spec: dict | None) -> int | None:
-    return spec["n_positions"] if spec and spec.get("n_positions") else None
+    return spec["n_positions"] if spec and spec.get("n_positions") else MAX_CHUNK
+
+
+def _chunk_cost(config: dict, spec: dict | None, value: int) -> str:
+    if spec and spec.get("n_positions"):
+        return f"model '{config['model']['name']}' has {spec['n_positions']} positions; a longer row cannot be run"
+    return f"rows longer than {MAX_CHUNK} tokens exceed the context the models here were trained on"
 
 
 def _fact_bytes(c: dict, s: dict, v: int) -> float:
@@ -114,10 +140,17 @@ BOUNDS = [
                                                   "forward and backward passes of ROME's value optimisation")),
     Bound("rome.steps", fixed(10_000), work_cost(lambda c, v: v * c["rome"]["n_pairs"] * len(c["facts"]["layers"]),
                                                  "forward and backward passes of ROME's value optimisation")),
-    Bound("rome.corpus_tokens", fixed(10_000_000), work_cost(lambda c, v: v, "corpus tokens through the model")),
-    Bound("rome.chunk_tokens", _positions,
-          lambda c, s, v: f"model '{c['model']['name']}' has {s['n_positions']} positions; a longer row cannot be run"),
+    Bound("rome.chunk_tokens", _positions, _chunk_cost),
 ]
+
+
+def corpus_bound(root: str | Path) -> Bound:
+    """``rome.corpus_tokens`` at most the corpus's words (facts_key_stats stops when the corpus runs out)."""
+    def words(config: dict, spec: dict | None) -> int | None:
+        return corpus_words(config, root)
+    return Bound("rome.corpus_tokens", words,
+                 lambda c, s, v: f"the corpus {c['rome']['corpus']} holds at least {words(c, s)} words, and only as many "
+                                 "tokens are sure to be there (a word is at least one token)")
 
 
 def check_config(config: dict, root: str | Path) -> None:
@@ -125,4 +158,4 @@ def check_config(config: dict, root: str | Path) -> None:
     check_data_files(config, root)
     spec = model_spec(config["model"]["name"], root)
     check_layers_of(config, spec)
-    check_bounds(config, BOUNDS, spec)
+    check_bounds(config, [*BOUNDS, corpus_bound(root)], spec)

@@ -48,5 +48,5 @@ def merge_parts(manifest: dict, parts: list[tuple[str, object]]) -> dict:
             origin[key] = str(path)
         model = part.get("ioi", {}).get("model") if isinstance(part.get("ioi"), dict) else None
         if model is not None and model != manifest["name"]:
-            raise ArtifactError(f"{path} was made with model {model!r}, not {manifest['name']!r}; rerun it")
+            raise ArtifactError(f"{path} was made with model {model!r}, not {manifest['name']!r}; rebuild it: rm {path} && snakemake all")
     return metrics
