@@ -34,11 +34,12 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/scorecard.smk"
 
 
-# Every job's outputs, not only the figures and metrics: a missing intermediate is rebuilt.
+# Every job's outputs, not only the figures and metrics: a missing intermediate is rebuilt; a damaged
+# one stops the run (common.smk: all_targets).
 rule all:
     default_target: True
     input:
-        lambda w: every_output(all_outputs(config), workflow.rules),
+        all_targets,
 
 
 # A job's torch threads are its rule's threads, whatever --cores allows (workflow.stage.torch_threads).

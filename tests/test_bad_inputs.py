@@ -7,7 +7,7 @@ file and saying how to fix it, and leave earlier artifacts untouched.
   and no file changes. They run ``snakemake all`` for real (not ``-n``): a check that let the run
   through would start the work and fail the "untouched" check.
 * Damaged files (``DAMAGED_CASES``: a truncated model or artifact) differ from their provenance
-  records: the run stops before any job starts (Snakemake's ``onstart``), and nothing changes.
+  records: the run stops before any job starts, and nothing changes.
 * Mistakes that only a job can see (``RUNTIME_CASES``: the hub unreachable, a circuit head outside
   the model) stop the first job that reads the bad input, within seconds. Snakemake deletes the
   outputs of a job it starts (before running it); every other file is unchanged, and no partial
@@ -253,7 +253,7 @@ def test_damaged_input_stops_the_run_before_any_job(finished, tmp_path, case):
     assert done.returncode == 1, out[-3000:]
     for needle in needles:
         assert needle in out, (needle, out[-4000:])
-    assert "Refusing to start" in out and "Execute" not in out, out[-3000:]
+    assert "differ from their records" in out and "Execute" not in out, out[-3000:]
     assert took < 120
     assert _state(work) == before
 

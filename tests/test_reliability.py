@@ -8,9 +8,10 @@ parse of the Snakefile; a repair reruns only what was lost):
   name typo in ``mcq.model``, ``8.0`` for an integer, a count above its bound, bad data files)
   stop ``snakemake all`` when the Snakefile is parsed: no job starts, no file changes.
 * **Damaged inputs are refused, never recorded.** A byte flipped in an intermediate (ROME's key
-  statistic ``Σ``) or in the model's weights stops the run before any job starts (Snakemake's
-  ``onstart``), a job started anyway (``--no-hooks``) refuses it too, and ``dvc.lock`` is never
-  updated with it (``pipeline.record_in_dvc``); ``dvc status`` sees the damaged weights.
+  statistic ``Σ``) or in the model's weights stops ``snakemake all`` before any job starts (when
+  ``rule all``'s inputs are listed), a run of another target too (Snakemake's ``onstart``), a job
+  started anyway (``--no-hooks``) refuses it itself, and ``dvc.lock`` is never updated with it
+  (``pipeline.record_in_dvc``); ``dvc status`` sees the damaged weights.
 * **``snakemake all`` repairs what is missing.** Files deleted by hand, the outputs of a job
   interrupted with SIGINT and of a failed figure notebook are rebuilt by ``snakemake all`` (no
   ``--forcerun``), with the bytes of the clean run; the audit's advice is that command; a failed
@@ -30,13 +31,14 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from smoke_utils import BIN, ROOT, compare_runs, output_files, popen_snakemake, run, sha256
+from smoke_utils import BIN, ROOT, compare_runs, env, output_files, run, sha256
 
 from mechrepro.studies import study
 
@@ -190,8 +192,12 @@ def test_damaged_intermediate_refused_before_any_job(smoke_copy):
     code, out, took = _snakemake(work, "all")
     assert code == 1, out[-3000:]
     assert f"{SIGMA} differs from its provenance record" in out and f"rm {SIGMA} && snakemake all" in out, out[-3000:]
-    assert "Refusing to start" in out and "Execute" not in out, out[-3000:]
+    assert "differ from their records" in out and "Execute" not in out, out[-3000:]
     assert _state(work) == before and (work / "dvc.lock").read_bytes() == lock
+    # a run of another target checks the inputs of the jobs it would start (Snakemake's onstart)
+    code, out, _ = _snakemake(work, f"{B}/rome/layer0.json")
+    assert code == 1 and "Refusing to start" in out and f"{SIGMA} differs" in out and "Execute" not in out, out[-3000:]
+    assert _state(work) == before
     # a job started without the onstart check (--no-hooks) refuses the damaged input itself
     code, out, _ = _snakemake(work, f"{B}/facts/layer0.json", "--forcerun", "facts_layer", "--no-hooks")
     assert code != 0 and "refusing to run on damaged inputs" in out and f"{SIGMA} differs" in out, out[-3000:]
@@ -211,8 +217,10 @@ def test_damaged_weights_seen_by_dvc_and_never_recorded(smoke_copy):
     assert "prepare_model" in status and WEIGHTS in status and "modified" in status, status
     lock = (work / "dvc.lock").read_bytes()
     before = _state(work)
-    code, out, took = _snakemake(work, "all", "--forcerun", "ioi_metrics")
+    code, out, took = _snakemake(work, "all")  # even with nothing to run, the damaged file is reported
     assert code == 1 and f"model file {WEIGHTS} differs from" in out and "Execute" not in out, out[-3000:]
+    code, out, _ = _snakemake(work, f"{A}/metrics.json", "--forcerun", "ioi_metrics")  # a job that would use it
+    assert code == 1 and "Refusing to start" in out and f"model file {WEIGHTS} differs from" in out, out[-3000:]
     assert _state(work) == before
     record = run([sys.executable, "-c", "from types import SimpleNamespace as S\n"
                   "from mechrepro.workflow.pipeline import record_in_dvc\n"
@@ -230,7 +238,10 @@ def _interrupt(work: Path, args: list[str], job_log: Path, log: Path) -> None:
     """Start ``snakemake <args>``; send SIGINT (as Ctrl-C does, to the whole process group) once the
     job writing ``job_log`` is under way (its stage has rewritten the log); wait for the end."""
     old = job_log.stat().st_mtime_ns if job_log.exists() else 0
-    proc = popen_snakemake(work, *args, "--cores", "1", log=log)
+    with open(log, "ab") as out:  # SIGINT handled as in a terminal, even if this process ignores it
+        proc = subprocess.Popen([str(BIN / "snakemake"), *args, "--cores", "1"], cwd=work, env=env(work), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (job_log.exists() and job_log.stat().st_mtime_ns != old and job_log.stat().st_size > 0):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]

@@ -6,6 +6,8 @@ model's ``manifest.json``. A file changed after the workflow wrote it (an editor
 disk error) differs from that record. It is refused, with the audit's message and a command that
 repairs it (:func:`modified`, :func:`model_file`, …; the audit uses the same messages):
 
+* when ``snakemake all`` lists its targets (:func:`check_targets`: every existing output, even
+  when nothing needs to run);
 * before any job of a run starts (Snakemake's ``onstart``: :func:`check_before_run`), so that no
   job deletes its old outputs to run on a bad input;
 * before a job reads its inputs (:func:`preflight`: the stage dispatch and, for the figure
@@ -220,6 +222,38 @@ def check_before_run(jobs: Iterable[tuple[Iterable, Iterable]]) -> None:
         import sys
 
         print(refusal(problems, "Refusing to start: inputs of this run"), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def incomplete_files(root: str | Path = ".") -> set[str]:
+    """Files Snakemake has marked incomplete (their job started and did not finish: rerun by
+    ``rerun-incomplete``). Snakemake keeps one marker per file in ``.snakemake/incomplete``, named
+    by the file's path in URL-safe base64."""
+    import base64
+
+    names = set()
+    for marker in (Path(root) / ".snakemake" / "incomplete").glob("*"):
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            names.add(base64.urlsafe_b64decode(marker.name).decode())
+    return names
+
+
+def check_targets(targets: Iterable[str]) -> None:
+    """``snakemake all``: every existing file the run targets must match its record, even when no job
+    needs it (a damaged file is reported whatever the run does; ``rm <file> && snakemake all``
+    rebuilds it). Files marked incomplete are skipped (their jobs rerun), and so are files without a
+    sidecar (the output of a job killed before it wrote the sidecar). Exits with status 1."""
+    import sys
+
+    skip = incomplete_files()
+    cache = HashCache()
+    problems = []
+    for rel in sorted(set(map(str, targets)) - skip):
+        if Path(rel + PROV_SUFFIX).is_file() or Path(rel).name == MANIFEST:
+            problems += [p for p in check_file(rel, cache) if p not in problems]
+    cache.save()
+    if problems:
+        print(refusal(problems, "Refusing to run: files of this workflow"), file=sys.stderr)
         raise SystemExit(1)
 
 

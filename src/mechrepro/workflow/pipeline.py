@@ -86,8 +86,13 @@ def every_output(targets: list[str], rules) -> list[str]:
     the targets through the rules' outputs and inputs, as Snakemake's own DAG does, so nothing is
     listed twice and a configuration's unused rules contribute nothing.
     """
+    return sorted(producers(targets, rules))
+
+
+def producers(targets: list[str], rules) -> dict[str, str]:
+    """``{file: name of the rule that makes it}`` for every file of :func:`every_output`."""
     rules = [r for r in rules if r.name != "all"]
-    todo, seen, made = list(targets), set(), set()
+    todo, seen, made = list(targets), set(), {}
     while todo:
         path = str(todo.pop())
         if path in seen:
@@ -98,10 +103,10 @@ def every_output(targets: list[str], rules) -> list[str]:
             continue
         wildcards = rule.get_wildcards(path)
         outputs = [str(o) for o in rule.expand_output(wildcards)[0]]
-        made.update(outputs)
+        made.update({o: rule.name for o in outputs})
         seen.update(outputs)
         todo += [str(f) for f in rule.expand_input(wildcards)[0]]
-    return sorted(made)
+    return made
 
 
 def record_in_dvc(config_settings) -> None:

@@ -43,43 +43,45 @@ def check_data_files(config: dict, root: str | Path) -> None:
     for name, rel in relations.items():
         require_strings(facts_path, f"relations.{name}.facts", rel["facts"])
     if config["facts"]["counterfact_file"]:
-        check_counterfact(root / config["facts"]["counterfact_file"], load_counterfact)
+        check_counterfact(root, config["facts"]["counterfact_file"], load_counterfact)
     corpus = config["rome"]["corpus"]
     if corpus != "stdlib_docs":
-        check_corpus(root / corpus)
+        check_corpus(root, corpus)
 
 
-def check_counterfact(path: Path, load) -> None:
-    key = "config key 'facts.counterfact_file'"
+def check_counterfact(root: Path, name: str, load) -> None:
+    """``name`` (relative to ``root``) is a CounterFact JSON with at least one usable record."""
+    key, path = "config key 'facts.counterfact_file'", root / name
     if not path.is_file():
-        raise ConfigError(f"{key}: {path} does not exist; set it to a CounterFact JSON file, or to \"\" for none")
+        raise ConfigError(f"{key}: {name} does not exist; set it to a CounterFact JSON file, or to \"\" for none")
     try:
         relations = load(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{key}: {path} is not valid JSON ({err}); fix the file or set the key to \"\"") from err
+        raise ConfigError(f"{key}: {name} is not valid JSON ({err}); fix the file or set the key to \"\"") from err
     except (ValueError, TypeError, AttributeError) as err:
-        raise ConfigError(f"{key}: {path} is not a CounterFact file ({err}): it must be a JSON list of records "
+        raise ConfigError(f"{key}: {name} is not a CounterFact file ({err}): it must be a JSON list of records "
                           "with requested_rewrite: {prompt, subject, target_true: {str}, relation_id}") from err
     if not relations:
-        raise ConfigError(f"{key}: {path} has no usable record (a prompt with exactly one '{{}}'); fix the file "
+        raise ConfigError(f"{key}: {name} has no usable record (a prompt with exactly one '{{}}'); fix the file "
                           "or set the key to \"\"")
 
 
-def check_corpus(path: Path) -> None:
-    key = "config key 'rome.corpus'"
+def check_corpus(root: Path, name: str) -> None:
+    """``name`` (relative to ``root``) is a non-empty UTF-8 text file."""
+    key, path = "config key 'rome.corpus'", root / name
     if not path.is_file():
-        raise ConfigError(f"{key} is '{path}', which is neither 'stdlib_docs' nor an existing text file; set it to "
+        raise ConfigError(f"{key} is '{name}', which is neither 'stdlib_docs' nor an existing text file; set it to "
                           "stdlib_docs or to a plain-text file (paragraphs separated by blank lines)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{key}: {path} is not a UTF-8 text file ({err}); use a plain-text file or stdlib_docs") from err
+        raise ConfigError(f"{key}: {name} is not a UTF-8 text file ({err}); use a plain-text file or stdlib_docs") from err
     if not text.strip():
-        raise ConfigError(f"{key}: {path} is empty; use a text file with English prose, or stdlib_docs")
+        raise ConfigError(f"{key}: {name} is empty; use a text file with English prose, or stdlib_docs")
 
 
 # Words in the documentation strings of the standard library that rome.corpus 'stdlib_docs' reads
-# (46,872 with Python 3.12; about 65,000 GPT-2 tokens), rounded down for other Python versions.
+# (46,872 with Python 3.11: about 65,000 GPT-2 tokens), rounded down for other Python versions.
 STDLIB_DOCS_WORDS = 40_000
 
 
