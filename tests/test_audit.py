@@ -170,7 +170,7 @@ def test_scorecard_number_not_from_its_artifact(scratch):
     _rebuild(scratch, rel, card)
     res, _ = _audit(scratch, rel)
     assert res.problems == [f"{rel}: row '{row['id']}' shows 123.0 but {RESULTS}/metrics.json : {row['key']} "
-                            f"is {value!r}"]
+                            f"is {value!r}; rebuild it: rm {rel} && snakemake all"]
 
 
 def test_notebook_retries_only_a_kernel_that_died_while_starting(monkeypatch, capsys):

@@ -293,7 +293,8 @@ class Auditor:
         for rid, art, key, ours, as_text in rows:
             if art not in inputs:
                 bad += 1
-                self.problem(ind, f"{rel}: row '{rid}' names {art}, which is not a recorded input of {rel}")
+                self.problem(ind, f"{rel}: row '{rid}' names {art}, which is not a recorded input of {rel}; "
+                                  f"rebuild it: {msg.rebuild(rel)}")
                 continue
             if art not in cache:
                 try:
@@ -304,7 +305,8 @@ class Auditor:
             expected = _fmt(value) if as_text else value
             if expected != ours:
                 bad += 1
-                self.problem(ind, f"{rel}: row '{rid}' shows {ours!r} but {art} : {key} is {value!r}")
+                self.problem(ind, f"{rel}: row '{rid}' shows {ours!r} but {art} : {key} is {value!r}; "
+                                  f"rebuild it: {msg.rebuild(rel)}")
         arts = sorted({r[1] for r in rows})
         self.out(f"{ind}  rows:   {len(rows) - bad}/{len(rows)} numbers equal the value at their key in "
                  f"{', '.join(arts)}")
