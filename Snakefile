@@ -34,6 +34,10 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/scorecard.smk"
 
 
+# The front page of `snakemake --report`: the replication report (every claim with its verdict).
+report: report_front(workflow.basedir)
+
+
 rule all:
     default_target: True
     input:

@@ -6,7 +6,15 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from mechrepro.studies import studies as _studies
 from mechrepro.workflow.config import ConfigError, check_output_dirs, validate
-from mechrepro.workflow.pipeline import all_outputs, figure_inputs, model_dir, record_in_dvc, rule_config, study_metrics
+from mechrepro.workflow.pipeline import (
+    all_outputs,
+    figure_inputs,
+    model_dir,
+    record_in_dvc,
+    report_front,
+    rule_config,
+    study_metrics,
+)
 
 try:
     _validated = validate(dict(config), root=workflow.basedir, cli_overrides=workflow.config_settings.config)
