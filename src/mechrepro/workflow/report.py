@@ -116,11 +116,16 @@ def claim_lines(s: StudyReport, figure_prefix: str = "../") -> list[str]:
 
 def study_markdown(s: StudyReport) -> list[str]:
     model = f"`{s.model}`" + (f" ({s.model_description})" if s.model_description else "")
-    out = [f"## Study {s.letter}: {s.title}", "", f"Paper: {s.paper}. Our model: {model}.", "",
-           f"<!-- claims:{s.name} -->", *claim_lines(s), f"<!-- end claims:{s.name} -->", "",
-           f"Rules (tests over `{s.metrics}`):", ""]
-    out += [f"- **{c['id']}**: {rule_text(c)}" for c in s.claims]
-    return out + ["", f"### Study {s.letter}: numbers", "", *number_lines(s.numbers), ""]
+    out = [f"## Study {s.letter}: {s.title}", "", f"Paper: {s.paper}. Our model: {model}.", ""]
+    if not s.claims:
+        out += ["No claims of this paper are recorded in `reference/published.yaml`.", ""]
+    else:
+        out += [f"<!-- claims:{s.name} -->", *claim_lines(s), f"<!-- end claims:{s.name} -->", "",
+                f"Rules (tests over `{s.metrics}`):", ""]
+        out += [f"- **{c['id']}**: {rule_text(c)}" for c in s.claims] + [""]
+    if s.numbers:
+        out += [f"### Study {s.letter}: numbers", "", *number_lines(s.numbers), ""]
+    return out
 
 
 def summary_lines(report: list[StudyReport]) -> list[str]:
@@ -179,8 +184,11 @@ def study_rst(s: StudyReport) -> list[str]:
     rows = [[_rst(c["id"]), f"{_rst(c['claim'])} ({_rst(c['where'])})", f"{_rst(c['evidence'])} ({_rst(c['paper_model'])})",
              _rst(shown(c)), _rst(c["verdict"]), _figure_link(s, c["figure"]), _literal(audit_command(s, c))]
             for c in s.claims]
-    out += _table(["#", "claim", "paper's evidence", "ours", "verdict", "figure", "trace"], rows, "4 30 22 16 8 10 10")
-    out += [f"* **{_rst(c['id'])}**: {_rst(rule_text(c).replace('`', ''))}" for c in s.claims] + [""]
+    if rows:
+        out += _table(["#", "claim", "paper's evidence", "ours", "verdict", "figure", "trace"], rows, "4 30 22 16 8 10 10")
+        out += [f"* **{_rst(c['id'])}**: {_rst(rule_text(c).replace('`', ''))}" for c in s.claims] + [""]
+    else:
+        out += ["No claims of this paper are recorded in the reference file.", ""]
     rows = [[_rst(f"{r['id']} ({r['source']})"), _rst(fmt(r["paper"])), _rst(r["paper_model"]), _rst(fmt(r["ours"])),
              _rst(r["our_model"]), _rst(r["comparison"])] for r in s.numbers]
     if rows:
