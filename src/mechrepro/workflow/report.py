@@ -7,9 +7,10 @@ The ``scorecard`` rule (:func:`scorecard`) writes
 * ``results/replication.md``: the report, readable on GitHub: a summary, then per study its claims
   table (claim, the paper's evidence, our numbers, verdict, figure, the ``python -m mechrepro
   audit`` command that traces it), the rule behind each verdict, and its numbers table;
-* ``results/replication.rst``: the same tables as the front page of ``snakemake --report`` (the
-  workflow description; the Snakefile's ``report:`` points to it once it exists). It is a Jinja
-  template as Snakemake renders it: each figure links to the figure in the report.
+* ``results/replication.rst``: the summary and the claims tables with the rule of each verdict, as
+  the front page of ``snakemake --report`` (the workflow description; the Snakefile's ``report:``
+  points to it once it exists). It is a Jinja template as Snakemake renders it: each figure links
+  to the figure in the report.
 
 The README shows the claims tables of the default run: ``python -m mechrepro.workflow.report
 readme RUN_DIR`` copies them from ``RUN_DIR/results/replication.md`` between the README's markers,
@@ -186,26 +187,34 @@ def study_rst(s: StudyReport) -> list[str]:
             for c in s.claims]
     if rows:
         out += _table(["#", "claim", "paper's evidence", "ours", "verdict", "figure", "trace"], rows, "4 30 22 16 8 10 10")
-        out += [f"* **{_rst(c['id'])}**: {_rst(rule_text(c).replace('`', ''))}" for c in s.claims] + [""]
     else:
         out += ["No claims of this paper are recorded in the reference file.", ""]
-    rows = [[_rst(f"{r['id']} ({r['source']})"), _rst(fmt(r["paper"])), _rst(r["paper_model"]), _rst(fmt(r["ours"])),
-             _rst(r["our_model"]), _rst(r["comparison"])] for r in s.numbers]
-    if rows:
-        out += [f"**Numbers** ({_literal(s.metrics)}):", ""]
-        out += _table(["number", "paper", "paper model", "ours", "our model", "compared"], rows, "30 8 10 8 12 32")
     return out
 
 
+# Snakemake's report shows the description in a narrow column (max-w-lg) of a container that centres its
+# content, which cuts off the top of a long page: the front page widens the one and top-aligns the other.
+FRONT_STYLE = [".. raw:: html", "",
+               "   <style>.prose.max-w-lg { max-width: 80rem; } "
+               "div.justify-center.overflow-auto { align-items: flex-start; justify-content: flex-start; }</style>", ""]
+
+
 def to_rst(report: list[StudyReport]) -> str:
-    """The report's front page (reStructuredText, rendered by Snakemake's Jinja first)."""
+    """The report's front page (reStructuredText, rendered by Snakemake's Jinja first): the summary and
+    each study's claims table, then the rule of each verdict (the numbers are in replication.md)."""
     n = counts(report)
-    lines = ["Replication report", "==================", "", _rst(INTRO.replace("`", "")), ""]
+    intro = _rst(INTRO.replace("`", "").replace("The rule behind each verdict is under each table.",
+                                                "The rule behind each verdict follows the tables."))
+    lines = ["Replication report", "==================", "", *FRONT_STYLE, intro, ""]
     lines += _table(["study", "model", *C.VERDICTS],
                     [[_rst(f"{s.letter}: {s.title}"), _literal(s.model), *(str(n[s.name][v]) for v in C.VERDICTS)]
                      for s in report], "30 20 10 10 10 10")
     for s in report:
         lines += study_rst(s)
+    lines += ["Rules of the verdicts", "---------------------", ""]
+    lines += [f"* **{_rst(c['id'])}**: {_rst(rule_text(c).replace('`', ''))}" for s in report for c in s.claims]
+    lines += ["", f"The papers' numbers beside ours: {_literal('results/replication.md')} (and "
+                  f"{_literal('results/scorecard.md')}).", ""]
     return "\n".join(lines) + "\n"
 
 
