@@ -4,7 +4,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 CORES ?= 2
 
-.PHONY: all test test-fast env report lint dvc-yaml clean-results
+.PHONY: all test test-fast env report lint dvc-yaml readme-results clean-results
 
 env:
 	scripts/setup_env.sh $(VENV)
@@ -23,12 +23,18 @@ report: env
 	snakemake --report report.html
 
 # Static checks (CI runs them before the tests): Snakemake's linter, the rules' formatting, ruff,
-# and dvc.yaml against the Snakemake DAG.
+# dvc.yaml against the Snakemake DAG, and the README's claims tables against reference/published.yaml.
 lint: env
 	snakemake --lint
 	snakefmt --check Snakefile workflow/rules
 	ruff check .
 	python -m mechrepro.workflow.dvcgen --check
+	python -m mechrepro.workflow.report --check
+
+# The README's claims tables, from results/replication.md of a default run (RUN: its directory).
+RUN ?= .
+readme-results: env
+	python -m mechrepro.workflow.report $(RUN)
 
 dvc-yaml: env
 	python -m mechrepro.workflow.dvcgen

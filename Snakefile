@@ -34,6 +34,10 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/scorecard.smk"
 
 
+# The front page of `snakemake --report`: the replication report (every claim with its verdict).
+report: report_front(workflow.basedir)
+
+
 # Every job's outputs, not only the figures and metrics: a missing intermediate is rebuilt; a damaged
 # one stops the run (common.smk: all_targets).
 rule all:

@@ -257,8 +257,10 @@ class _Named(list):
 def _snk(tmp_path, inputs, output, rule):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"name": "tiny", "weight_sha256": "0" * 64, "description": "tiny"}))
-    inp = _Named([*inputs, str(manifest)])
-    inp.layers, inp.manifest = inputs, str(manifest)
+    data = tmp_path / "data.json"  # the facts dataset (facts_summary records what the facts are)
+    data.write_text(json.dumps({"require_correct": True, "n_facts": 5, "n_correct": 3, "pairs": [[0, 1], [1, 2]]}))
+    inp = _Named([*inputs, str(manifest), str(data)])
+    inp.layers, inp.manifest, inp.data = inputs, str(manifest), str(data)
     return SimpleNamespace(config={"seed": 0, "model": {"device": "cpu", "dtype": "float32", "name": "tiny"}},
                            input=inp, output=[str(output)],
                            log=[], threads=1, rule=rule, wildcards=SimpleNamespace())
@@ -276,7 +278,8 @@ def test_facts_summary_collects_layers_in_order(tmp_path):
     out = tmp_path / "facts.json"
     SF.facts_summary(_snk(tmp_path, paths, out, "facts_summary"))
     got = json.loads(out.read_text())
-    assert list(got) == ["facts"] and list(got["facts"]) == ["2", "10"]
+    assert list(got) == ["facts", "facts_dataset"] and list(got["facts"]) == ["2", "10"]
+    assert got["facts_dataset"] == {"require_correct": True, "n_facts": 5, "n_correct": 3, "n_pairs": 2}
     assert set(got["facts"]["2"]) == set(SF.FACTS_KEYS) and got["facts"]["10"]["n_pairs"] == 4
     assert json.loads(Path(str(out) + ".prov.json").read_text())["model"]["name"] == "tiny"
     bad = tmp_path / "layer3.json"

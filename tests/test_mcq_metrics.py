@@ -148,23 +148,28 @@ def _lr(full=1.0, r3=1.05, ablated=2.0, selection="correct-letter head with the 
             "loss_by_rank": {"1": 1.5, "3": r3, "full": full}}
 
 
-def test_claims():
+def test_claim_summaries():
     muts = {"abcd": {"full": {"accuracy": 1.0}, "low_rank": {"accuracy": 1.0}},
-            "numbers": {"full": {"accuracy": 1.0}, "low_rank": {"accuracy": 0.5}},
-            "shuffled": {"full": {"accuracy": 1.0}, "low_rank": {"accuracy": 0.95}}}
-    c = M.claims(0.6, _lr(), muts)
-    assert c == {"few_nodes_carry_dla": True, "low_rank_3_near_lossless": True, "low_rank_keeps_most_mutations": True,
-                 "low_rank_worse_on_numbers": True, "correct_letter_head_found": True}
-    c = M.claims(0.4, _lr(r3=1.5, selection="no head met the rule"), {"abcd": muts["abcd"]})
-    assert not c["few_nodes_carry_dla"] and not c["low_rank_3_near_lossless"]
-    assert c["low_rank_worse_on_numbers"] is None and not c["correct_letter_head_found"]
+            "numbers": {"full": {"accuracy": 0.8}, "low_rank": {"accuracy": 0.4}},
+            "shuffled": {"full": {"accuracy": 0.0}, "low_rank": {"accuracy": 0.0}}}
+    assert M.low_rank_kept(muts) == {"numbers": 0.5, "shuffled": None}
+    keys = pd.DataFrame({"label_set": ["abcd"] * 4 + ["numbers"] * 4, "position": [1, 2, 1, 2] * 2,
+                         "pc1": [1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0], "pc2": [0.0] * 8, "pc3": [0.0] * 8})
+    assert M.key_position_r2(keys) == {"abcd": 1.0, "numbers": 0.0}  # keys by position / unrelated to it
+    keys[["pc1"]] = 0.0
+    assert M.key_position_r2(keys) == {"abcd": None, "numbers": None}
+    heads = pd.DataFrame({"category": ["other", "correct-letter", "other"]})
+    counts = M.category_counts(heads)
+    assert counts["other"] == 2 and counts["correct-letter"] == 1 and counts["uniform"] == 0
+    assert list(counts) == list(ma.CATEGORY_RULES)
 
 
 def test_study_metrics_reads_the_tables():
     nodes = ["L0H0", "L0H1", "MLP0", "embed"]
     dla = pd.DataFrame({"node": nodes, "kind": ["head", "head", "mlp", "embed"], "dla": [0.1, -2.0, 1.0, 5.0]})
     dla = dla.set_index("node")
-    patch = pd.DataFrame({"node": nodes[:3], "total_effect": [0.0, 1.0, 2.0], "direct_effect": [0.0, 0.5, 1.0]})
+    patch = pd.DataFrame({"node": nodes[:3], "total_effect": [0.0, 1.0, 2.0], "direct_effect": [0.0, 0.5, 1.0],
+                          "indirect_flag": [False, False, True]})
     heads = pd.DataFrame({"node": nodes[:2], "category": ["other", "correct-letter"], "label_att": [0.1, 0.7]})
     manifest = {"name": "tiny", "description": "d",
                 "spec": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_model": 8, "d_head": 4, "extra": 0}}
@@ -177,7 +182,9 @@ def test_study_metrics_reads_the_tables():
     assert m["dla"]["n_nodes"] == 3 and m["dla"]["top_decile_k"] == 1 and m["dla"]["top_decile_share_abs"] == 0.6
     assert m["low_rank"]["head_label_attention"] == 0.7 and m["low_rank"]["head_category"] == "correct-letter"
     assert m["organism"] == {"heldout": 0.9} and "extra" not in m["model_spec"] and m["mutation_rank"] == 3
-    assert m["claims"]["few_nodes_carry_dla"] and m["n_analysis"] == 5
+    assert m["n_analysis"] == 5 and "claims" not in m  # the claims are data (reference/published.yaml)
+    assert m["low_rank"]["correct_letter_head"] is True and m["patching"] == {"n_flagged": 1, "flagged": ["MLP0"]}
+    assert m["head_categories"]["correct-letter"] == 1 and m["low_rank_kept"] == {}
 
 
 def test_evaluation_items_and_their_corrupted_prompts(tokenizer):

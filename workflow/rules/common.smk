@@ -14,6 +14,7 @@ from mechrepro.workflow.pipeline import (
     model_dir,
     model_weights,
     record_in_dvc,
+    report_front,
     rule_config,
     study_metrics,
 )

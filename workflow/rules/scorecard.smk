@@ -1,4 +1,6 @@
-# Published numbers of every configured study beside ours.
+# Published numbers and claims of every configured study beside ours: the scorecard and the
+# replication report (results/replication.md; results/replication.rst is the front page of
+# `snakemake --report`).
 
 
 rule scorecard:
@@ -8,6 +10,8 @@ rule scorecard:
     output:
         json="results/scorecard.json",
         md="results/scorecard.md",
+        replication="results/replication.md",
+        front="results/replication.rst",
     log:
         "logs/shared/scorecard.log",
     benchmark:

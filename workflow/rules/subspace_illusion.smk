@@ -239,6 +239,7 @@ rule rome_layer:
 rule facts_summary:
     input:
         manifest=MANIFEST,
+        data=f"{B}/facts/data.json",
         layers=expand(f"{B}/facts/layer{{layer}}.json", layer=FACT_LAYERS),
     output:
         f"{B}/facts.json",

@@ -40,6 +40,18 @@ SHARED_STAGES = "mechrepro.workflow.stage"
 
 
 @dataclass(frozen=True)
+class Plot:
+    """A DVC plot of a figure's CSV (``figures/<study>/<name>.csv``, the plotted numbers): ``dvc plots
+    show`` draws it and ``dvc plots diff`` compares it between two runs. ``x`` and ``y`` are columns
+    (``y`` may list several); ``template`` is DVC's (``linear``, ``scatter``, ``bar_horizontal``, …)."""
+
+    x: str
+    y: str | tuple[str, ...]
+    template: str = "linear"
+    title: str = ""
+
+
+@dataclass(frozen=True)
 class Figure:
     """One figure notebook of a study: ``notebooks/<study>/<name>.ipynb`` → ``figures/<study>/<name>.png``.
 
@@ -48,13 +60,15 @@ class Figure:
     passes the list to the notebook, whose :class:`mechrepro.workflow.figures.Artifacts` refuse to
     read any other file. ``params`` maps config keys the figure reads to notebook
     parameter names. ``enabled(config)`` is False when the configuration cannot draw the figure
-    (e.g. Study A's attention figures need the DoubleIO variant).
+    (e.g. Study A's attention figures need the DoubleIO variant). ``dvc_plot`` declares the figure's
+    CSV a DVC plot (the headline figures; ``dvc.yaml``'s top-level ``plots``).
     """
 
     paper: str
     inputs: Callable[[dict], list[str]]
     params: dict[str, str] = field(default_factory=dict)
     enabled: Callable[[dict], bool] = lambda config: True
+    dvc_plot: Plot | None = None
 
 
 @dataclass(frozen=True)

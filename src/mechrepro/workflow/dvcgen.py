@@ -1,7 +1,8 @@
 """Generate ``dvc.yaml`` from the Snakemake DAG, so that the two pipelines cannot drift.
 
 Every Snakemake job of ``snakemake all`` becomes one DVC stage with the same inputs (``deps``),
-outputs (``outs``; the metrics file as a DVC metric) and config keys (``params``, from
+outputs (``outs``; each study's metrics file as a DVC metric; the CSVs of the figures that declare
+a :class:`mechrepro.studies.Plot` as top-level DVC plots) and config keys (``params``, from
 :func:`mechrepro.workflow.pipeline.config_keys`). Stages also depend on the library code
 (:data:`CODE_DEPS`). A stage's command asks Snakemake to rebuild exactly that job: ``snakemake --cores 2 --force --allowed-rules <rule> <outputs>``.
 
@@ -25,7 +26,8 @@ from mechrepro.workflow.pipeline import config_keys
 # under `dvc repro` (Snakemake records the code version in each artifact's provenance instead).
 CODE_DEPS = ["src/mechrepro", "workflow/scripts/stage.py"]
 HEADER = ("# Generated from the Snakemake DAG by `python -m mechrepro.workflow.dvcgen`; do not edit by hand.\n"
-          "# `dvc repro` runs each Snakemake job as a stage; `dvc metrics show` lists the headline numbers.\n")
+          "# `dvc repro` runs each Snakemake job as a stage; `dvc metrics show` lists every study's metrics;\n"
+          "# `dvc plots show` / `dvc plots diff` draw the headline figures' numbers.\n")
 
 
 def snakemake_jobs(root: Path, configfile: str = "config/config.yaml") -> list[dict]:
@@ -71,9 +73,25 @@ def stage_name(job: dict) -> str:
     return job["rule"] + (f"-{suffix}" if suffix else "")
 
 
+def plots(jobs: list[dict]) -> list[dict]:
+    """DVC plots: the CSV of every figure job whose figure declares one (:class:`mechrepro.studies.Plot`)."""
+    from mechrepro.studies import study
+
+    out = []
+    for job in jobs:
+        w = job["wildcards"]
+        if job["rule"] != "figure" or (plot := study(w["study"]).figures[w["fig"]].dvc_plot) is None:
+            continue
+        csv = next(o for o in job["output"] if o.endswith(".csv"))
+        spec = {"x": plot.x, "y": list(plot.y) if isinstance(plot.y, tuple) else plot.y, "template": plot.template}
+        out.append({csv: {**spec, **({"title": plot.title} if plot.title else {})}})
+    return out
+
+
 def build(jobs: list[dict]) -> dict:
     """``dvc.yaml``'s content for ``jobs``: one stage per job; each study's metrics file (from the
-    registry) is a DVC metric, not cached."""
+    registry) is a DVC metric, cached like the other outputs so that ``dvc metrics diff`` finds the
+    values of another revision; the declared figure CSVs are DVC plots (:func:`plots`)."""
     from mechrepro.studies import studies
 
     metric_files = {s.metrics for s in studies().values()}
@@ -91,9 +109,10 @@ def build(jobs: list[dict]) -> dict:
         if outs:  # a model's weights: hash recorded, not copied into DVC's cache (rebuilt by their rule)
             stage["outs"] = [{o: {"cache": False}} if o.endswith("model.safetensors") else o for o in outs]
         if metrics:
-            stage["metrics"] = [{m: {"cache": False}} for m in metrics]
+            stage["metrics"] = metrics
         stages[stage_name(job)] = stage
-    return {"stages": stages}
+    declared = plots(jobs)
+    return {"stages": stages, **({"plots": declared} if declared else {})}
 
 
 def render(root: Path) -> str:

@@ -68,9 +68,23 @@ def study_metrics(config: dict) -> dict[str, str]:
 
 
 def all_outputs(config: dict) -> list[str]:
-    """Targets of ``rule all``: every configured study's figures and metrics, and the scorecard."""
+    """Targets of ``rule all``: every configured study's figures and metrics, the scorecard and the
+    replication report."""
     outs = [out for study in config["studies"] for out in study_outputs(study, config)]
-    return outs + ["results/scorecard.md"]
+    return outs + ["results/scorecard.md", REPLICATION]
+
+
+REPLICATION = "results/replication.md"
+REPORT_FRONT = "results/replication.rst"  # the scorecard rule's reStructuredText version of the report
+REPORT_PLACEHOLDER = "workflow/report/workflow.rst"
+
+
+def report_front(root: str) -> str:
+    """The front page of ``snakemake --report`` (the Snakefile's ``report:``): the replication report
+    once the scorecard rule has written it, a note saying how to make it before."""
+    import os
+
+    return REPORT_FRONT if os.path.isfile(os.path.join(root, REPORT_FRONT)) else REPORT_PLACEHOLDER
 
 
 def every_output(targets: list[str], rules) -> list[str]:

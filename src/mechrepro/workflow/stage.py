@@ -140,13 +140,8 @@ def check_config_against_model(snk) -> None:
 
 
 def scorecard(snk) -> None:
-    """The published numbers of every configured study beside ours (``results/scorecard.*``)."""
-    from mechrepro.workflow.pipeline import study_metrics
-    from mechrepro.workflow.scorecard import build, to_markdown
+    """The published numbers and claims of every configured study beside ours: the scorecard and the
+    replication report (:func:`mechrepro.workflow.report.scorecard`)."""
+    from mechrepro.workflow.report import scorecard as build_report
 
-    setup(snk)
-    rows = build(snk.input.reference, {key: snk.input[key] for key in study_metrics(snk.config)})
-    record = prov(snk)
-    art.save_json(snk.output.json, {"rows": rows}, record)
-    art.write_text(snk.output.md, to_markdown(rows))
-    art.write_provenance(snk.output.md, record)
+    build_report(snk)

@@ -8,7 +8,7 @@ restored paths, attention, value paths, head patching), ``stages`` (one function
 
 from __future__ import annotations
 
-from mechrepro.studies import Figure, Study
+from mechrepro.studies import Figure, Plot, Study
 
 R = "results/ioi_generalization"
 SMOLLM2_NOTE = ("(SmolLM2-135M-Instruct, a Q4_1-quantized GGUF copy dequantized to fp32: its weights differ from "
@@ -34,13 +34,17 @@ def _with_double_io(config: dict) -> bool:
 
 FIGURES = {
     "circuit_discovery": Figure("Wang-style discovery", _files("metrics.json", "circuit.json", "circuit_scores.csv")),
-    "table1_faithfulness": Figure("Table 1", _per_variant("eval/{v}_prompts.csv")),
+    "table1_faithfulness": Figure("Table 1", _per_variant("eval/{v}_prompts.csv"),
+                                  dvc_plot=Plot("faithfulness", "variant", "bar_horizontal",
+                                                "Study A, Table 1: faithfulness of the base circuit per variant")),
     "fig2_attention_shift": Figure("Fig. 2", _per_variant("eval/{v}_attention.csv"), enabled=_with_double_io),
     "fig3_sinh_attention": Figure("Fig. 3", _files("metrics.json", "eval/double_io.json", "eval/double_io_attention.csv"),
                                   enabled=_with_double_io),
     "fig4_confidence_ratio": Figure("Fig. 4", _files("metrics.json", "eval/double_io_attention.csv"),
                                     params={"figures.n_attention_samples": "n_samples"}, enabled=_with_double_io),
-    "fig5_restored_paths": Figure("Fig. 5, Table 2", _per_variant("eval/{v}.json"), enabled=_with_double_io),
+    "fig5_restored_paths": Figure("Fig. 5, Table 2", _per_variant("eval/{v}.json"), enabled=_with_double_io,
+                                  dvc_plot=Plot("faithfulness", "setting", "bar_horizontal",
+                                                "Study A, Figure 5 / Table 2: faithfulness with paths restored")),
     "fig6_value_paths": Figure("Fig. 6", _files("metrics.json", "value_paths.csv")),
     "fig8_name_order": Figure("Fig. 8", _per_variant("eval/{v}_prompts.csv")),
     "head_patching_attribution": Figure("attribution vs exact patching",

@@ -561,7 +561,10 @@ def restored_data(art: Artifacts) -> pd.DataFrame:
             v, "base_circuit"), "ld": r.get("circuit_ld"), "faithfulness": r.get("faithfulness"),
             "model_ld": r.get("model_ld"), "edges": r.get("edges"), "edge_overlap": r.get("edge_overlap"),
             "nodes": r.get("nodes")})
-    return pd.DataFrame(rows, columns=cols)
+    frame = pd.DataFrame(rows, columns=cols)
+    # one label per bar (the DVC plot of this CSV draws faithfulness by it)
+    frame["setting"] = frame.table + " " + frame.variant + " " + frame.config
+    return frame
 
 
 def plot_restored(data: pd.DataFrame, variants=("double_io", "triple_io")):

@@ -9,7 +9,7 @@ head categories, low-rank q/k/v), ``stages`` (one function per rule of
 
 from __future__ import annotations
 
-from mechrepro.studies import Figure, Study
+from mechrepro.studies import Figure, Plot, Study
 
 C = "results/mcq_circuits"
 
@@ -31,7 +31,9 @@ FIGURES = {
     "patching": Figure("Analysis 3, activation patching",
                        _files("metrics.json", "patching.csv", "patching.json", "heads.csv")),
     "head_categories": Figure("Analysis 4, head categories", _files("metrics.json", "heads.csv", "heads.json")),
-    "low_rank": Figure("Analysis 5, low-rank q/k/v", _files("metrics.json", "low_rank.json", "low_rank_keys.csv")),
+    "low_rank": Figure("Analysis 5, low-rank q/k/v", _files("metrics.json", "low_rank.json", "low_rank_keys.csv"),
+                       dvc_plot=Plot("rank_num", "loss", "scatter",
+                                     "Study C: loss by rank of the low-rank head (q, k, v and all three)")),
     "fig11_mutations": Figure("Figure 11, label mutations",
                               _files("metrics.json", "organism.json", per_label_set="mutations/{s}.json")),
 }

@@ -1,6 +1,7 @@
 """Study C's results: the analyses of :mod:`~mechrepro.studies.mcq_circuits.analysis` run over
 every analysis prompt, turned into the tables and summaries the stages write, and the paper's
-claims checked against them.
+summaries the paper's claims are tested on (the claims themselves are data:
+``reference/published.yaml``, evaluated by :mod:`mechrepro.workflow.claims`).
 
 The analyses work on one padded batch; here they run over batches of prompts (made by
 :func:`~mechrepro.studies.mcq_circuits.data.to_batch`) and their per-prompt results are joined
@@ -24,7 +25,10 @@ The analyses work on one padded batch; here they run over batches of prompts (ma
 6. **Mutations** (:func:`mutation_settings`, :func:`evaluate_settings`): a label set evaluated
    with the head full, low rank or mean-ablated.
 
-:func:`study_metrics` gathers ``metrics.json`` with the claims (:func:`claims`).
+:func:`study_metrics` gathers ``metrics.json``, with what the claims read: the head categories
+(:func:`category_counts`), the flagged nodes, whether the low-rank head is a correct-letter head,
+how its keys cluster by position (:func:`key_position_r2`) and what it keeps of the full head's
+accuracy on each mutated label set (:func:`low_rank_kept`).
 """
 
 from __future__ import annotations
@@ -282,15 +286,17 @@ def key_projections(model: Transformer, batch: Batch, prompts: list[Prompt], hea
 
 
 def low_rank_summary(model_name: str, head: Head, selection: str, d_head: int, n_fit: int, n_test: int,
-                     losses: dict, fits: dict[str, dict], mutation_rank: int) -> dict:
+                     losses: dict, fits: dict[str, dict], mutation_rank: int,
+                     key_r2: dict[str, float | None] | None = None) -> dict:
     """``low_rank.json``: the head and why, :func:`low_rank_losses`, the loss by rank of the q/k/v
-    compression, the singular values of each fit and the rank the mutations use."""
+    compression, the singular values of each fit, the rank the mutations use and how the keys
+    cluster by position (``key_r2``: :func:`key_position_r2`)."""
     return {"model": model_name, "head": node_name(*head), "layer": head[0], "head_index": head[1],
             "selection": selection, "d_head": d_head, "n_fit": n_fit, "n_test": n_test, "ranks": losses["ranks"],
             "full": losses["full"], "ablated": losses["ablated"], "by_kind": losses["by_kind"],
             "loss_by_rank": {k: v["loss"] for k, v in losses["by_kind"]["qkv"].items()},
             "singular_values": {k: fits[k]["singular_values"].tolist() for k in ma.KINDS},
-            "mutation_rank": min(mutation_rank, d_head)}
+            "mutation_rank": min(mutation_rank, d_head), "key_position_r2": key_r2 or {}}
 
 
 # --------------------------------------------------------------------------------------- 6. mutations
@@ -324,25 +330,32 @@ def top_nodes(dla: pd.DataFrame, patch: pd.DataFrame, heads: pd.DataFrame, k: in
              "category": heads.loc[n, "category"] if n in heads.index else "mlp"} for n in top]
 
 
-def claims(top_decile_share: float, lr: dict, muts: dict[str, dict]) -> dict:
-    """The paper's claims checked on our numbers (``lr``: ``low_rank.json``; ``muts``: label set →
-    its mutation results)."""
-    full_lr = lr["loss_by_rank"]["full"]
-    r3 = lr["loss_by_rank"].get("3", full_lr)
-    return {
-        # Paper: a handful of nodes carry most of the direct effect (ours: the top 10 % of nodes, ≥ 50 %).
-        "few_nodes_carry_dla": top_decile_share >= 0.5,
-        # Paper: q and k of a correct-letter head compress to 3 dimensions with little loss on normal labels.
-        "low_rank_3_near_lossless": (r3 - full_lr) <= 0.1 * max(lr["ablated"]["loss"] - full_lr, 1e-9) + 0.01,
-        # Paper: the low-rank head keeps performance on several mutations ...
-        "low_rank_keeps_most_mutations": sum(
-            m["low_rank"]["accuracy"] >= 0.9 * m["full"]["accuracy"] for k, m in muts.items() if k != "abcd"
-        ) >= max(1, (len(muts) - 1) // 2),
-        # ... but poorly with numbers (only part of the performance is kept).
-        "low_rank_worse_on_numbers": (muts["numbers"]["low_rank"]["accuracy"] < 0.9 * muts["numbers"]["full"]["accuracy"])
-        if "numbers" in muts else None,
-        "correct_letter_head_found": lr["selection"].startswith("correct-letter"),
-    }
+def key_position_r2(keys: pd.DataFrame) -> dict[str, float | None]:
+    """Per label set of :func:`key_projections`: the share of the keys' variance (their top-3 principal
+    components) explained by the list position alone, ``1 − within-position / total`` sum of squares
+    (the paper: keys cluster by position, an "Nth item" feature). None when the keys do not vary."""
+    pcs = [c for c in keys.columns if c.startswith("pc")]
+    out = {}
+    for label_set, g in keys.groupby("label_set", sort=False):
+        x = g[pcs].to_numpy(float)
+        total = ((x - x.mean(0)) ** 2).sum()
+        within = sum(((p[pcs].to_numpy(float) - p[pcs].to_numpy(float).mean(0)) ** 2).sum()
+                     for _, p in g.groupby("position"))
+        out[str(label_set)] = float(1 - within / total) if total > 0 else None
+    return out
+
+
+def low_rank_kept(muts: dict[str, dict]) -> dict[str, float | None]:
+    """Per mutated label set (not ``abcd``): the low-rank head's accuracy as a fraction of the full
+    head's (None when the full head gets nothing right): the paper's Figure 11 comparison."""
+    return {k: (m["low_rank"]["accuracy"] / m["full"]["accuracy"] if m["full"]["accuracy"] > 0 else None)
+            for k, m in muts.items() if k != "abcd"}
+
+
+def category_counts(heads: pd.DataFrame) -> dict[str, int]:
+    """How many heads fall in each category of :data:`~mechrepro.studies.mcq_circuits.analysis.CATEGORY_RULES`."""
+    counts = heads.category.value_counts()
+    return {c: int(counts.get(c, 0)) for c in ma.CATEGORY_RULES}
 
 
 def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: dict[str, dict], dla: pd.DataFrame,
@@ -363,11 +376,15 @@ def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: di
         "dla": {"ld": dla_summary["ld"], "top_k": top_k, "top_k_share_abs": dla_summary["top_k_share_abs"],
                 "n_nodes": n_nodes, "top_decile_k": k10, "top_decile_share_abs": top_decile_share},
         "top_nodes": top_nodes(dla, patch, heads, top_k),
+        "head_categories": category_counts(heads),
+        "patching": {"n_flagged": int(patch.indirect_flag.sum()), "flagged": list(patch.index[patch.indirect_flag])},
         "low_rank": {"head": lr["head"], "selection": lr["selection"], "d_head": lr["d_head"],
                      "head_label_attention": float(heads.loc[lr["head"], "label_att"]),
                      "head_category": heads.loc[lr["head"], "category"],
-                     "loss_by_rank": lr["loss_by_rank"], "ablated_loss": lr["ablated"]["loss"]},
+                     "correct_letter_head": bool(heads.loc[lr["head"], "category"] == "correct-letter"),
+                     "loss_by_rank": lr["loss_by_rank"], "ablated_loss": lr["ablated"]["loss"],
+                     "key_position_r2": lr.get("key_position_r2")},
         "mutations": {k: {s: m[s]["accuracy"] for s in ("full", "low_rank", "ablated")} for k, m in muts.items()},
         "mutation_rank": next(iter(muts.values()))["rank"] if muts else None,
-        "claims": claims(top_decile_share, lr, muts),
+        "low_rank_kept": low_rank_kept(muts),
     }

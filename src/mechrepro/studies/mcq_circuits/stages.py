@@ -190,11 +190,12 @@ def mcq_low_rank(snk) -> None:
         data, prompts = _load_prompts(path)
         prompts = prompts[:len(clean)]
         rows += M.key_projections(model, mcq.to_batch(prompts, lm.bos_id), prompts, head, fits["k"], data["label_set"])
+    keys = pd.DataFrame(rows)
     summary = M.low_rank_summary(lm.name, head, why, model.spec.d_head, len(fit_p), len(test_p), losses, fits,
-                                 cfg["low_rank"]["mutation_rank"])
+                                 cfg["low_rank"]["mutation_rank"], M.key_position_r2(keys))
     prov = stage.prov(snk, lm.manifest)
     art.save_json(snk.output.json, summary, prov)
-    art.save_csv(snk.output.key_scatter, pd.DataFrame(rows), prov)
+    art.save_csv(snk.output.key_scatter, keys, prov)
     tensors = {f"{k}_{part}": fits[k][part].float().contiguous().cpu() for k in ma.KINDS for part in ("mean", "basis")}
     tensors["mean_z"] = mean_z.float().contiguous().cpu()
     art.save_safetensors(snk.output.basis, tensors, prov)
@@ -226,7 +227,7 @@ def mcq_mutations(snk) -> None:
 
 
 def mcq_metrics(snk) -> None:
-    """``results/mcq_circuits/metrics.json``: the study's contract, and the paper's claims checked."""
+    """``results/mcq_circuits/metrics.json``: the study's contract (what the paper's claims are tested on)."""
     stage.setup(snk)
     cfg = snk.config["mcq"]
     manifest = art.read_json(snk.input.manifest)

@@ -11,7 +11,7 @@ per rule of ``workflow/rules/subspace_illusion.smk``; ``plotting`` the figures o
 
 from __future__ import annotations
 
-from mechrepro.studies import Figure, Study
+from mechrepro.studies import Figure, Plot, Study
 from mechrepro.studies.ioi_generalization import SMOLLM2_NOTE
 
 B = "results/subspace_illusion"
@@ -42,12 +42,18 @@ def _facts_inputs(summary: str, per_layer: str | None, reference: bool):
 
 FIGURES = {
     "toy_example": Figure("Section 3, the toy network", _files("toy.json")),
-    "ioi_table1": Figure("Table 1", lambda config: [f"{B}/metrics.json", f"{B}/ioi_pairs.csv", REFERENCE]),
+    "ioi_table1": Figure("Table 1", lambda config: [f"{B}/metrics.json", f"{B}/ioi_pairs.csv", REFERENCE],
+                         dvc_plot=Plot("fldd", "label", "bar_horizontal", "Study B, Table 1: FLDD (%) per patch")),
     "ioi_projections": Figure("IOI part, projections on the directions", _files("metrics.json", "ioi_projections.csv")),
     "ioi_dormant_pathway": Figure("IOI part, the dormant pathway", _files("metrics.json", "ioi_dormant.csv")),
-    "facts_flips": Figure("Section 6, fact flips per layer", _facts_inputs("facts.json", None, True)),
+    "facts_flips": Figure("Section 6, fact flips per layer", _facts_inputs("facts.json", None, True),
+                          dvc_plot=Plot("layer", ("flip_frac_1d", "flip_frac_full_mlp", "flip_frac_row",
+                                                  "flip_frac_rank1_edit"), "linear",
+                                        "Study B, Section 6: fraction of facts flipped per layer")),
     "facts_null_norm": Figure("Section 6, null-space norms", _facts_inputs("facts.json", "facts", False)),
-    "rome_rewrite": Figure("Section 6, ROME vs its subspace intervention", _facts_inputs("rome.json", "rome", True)),
+    "rome_rewrite": Figure("Section 6, ROME vs its subspace intervention", _facts_inputs("rome.json", "rome", True),
+                           dvc_plot=Plot("layer", ("rome", "derived_subspace", "row_only"), "linear",
+                                         "Study B, Section 6: mean rewrite score per layer")),
 }
 
 

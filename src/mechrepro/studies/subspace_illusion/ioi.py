@@ -512,6 +512,33 @@ def dormant_pathway(model: Transformer, cache: SiteCache, batch: PairBatch, dirs
     return pd.concat(frames, ignore_index=True)
 
 
+def dormant_stats(dormant: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """Per condition of :func:`dormant_pathway` (the MLP output projected on ``v_grad``): its mean, the
+    fraction of pairs outside the range of the clean values (``outside_clean_frac``) and how far its
+    mean lies from the clean mean in clean standard deviations (``shift_clean_sd``; None when the
+    clean values do not vary). The paper's dormant pathway: the ``v_mlp`` patch far outside."""
+    clean = dormant.loc[dormant.condition == "clean", "value"].to_numpy(float)
+    lo, hi, mu, sd = clean.min(), clean.max(), clean.mean(), clean.std()
+    out = {}
+    for cond, group in dormant.groupby("condition", sort=False):
+        v = group.value.to_numpy(float)
+        out[str(cond)] = {"mean": float(v.mean()), "outside_clean_frac": float(((v < lo) | (v > hi)).mean()),
+                          "shift_clean_sd": float(abs(v.mean() - mu) / sd) if sd > 0 else None}
+    return out
+
+
+def separation(proj: pd.DataFrame) -> dict[str, float | None]:
+    """Per direction of :func:`projections`: how well its projection separates ABB from BAB prompts,
+    ``|mean ABB − mean BAB| / pooled standard deviation`` (None when neither order varies)."""
+    out = {}
+    for key, group in proj.groupby("direction", sort=False):
+        a = group.loc[group.order == "ABB", "value"].to_numpy(float)
+        b = group.loc[group.order == "BAB", "value"].to_numpy(float)
+        pooled = np.sqrt((a.var() + b.var()) / 2) if len(a) and len(b) else 0.0
+        out[str(key)] = float(abs(a.mean() - b.mean()) / pooled) if pooled > 0 else None
+    return out
+
+
 # ------------------------------------------------------------------ the summaries
 def das_summary(site_name: str, site: dict, model_name: str, cfg: dict, cache: SiteCache, batch: PairBatch,
                 history: list[float], ld: Tensor, top: Tensor, timings: dict) -> dict:
@@ -593,7 +620,8 @@ def train_das(model: Transformer, batch: PairBatch, site: dict, site_name: str, 
 class SiteEvaluation:
     """Everything :func:`evaluate_site` finds: ``rows`` (Table 1: per row FLDD, interchange accuracy,
     LD), ``pairs`` (per test pair), ``details`` (``ioi.json``'s ``ioi``: :func:`eval_summary`),
-    ``projections`` and ``dormant`` (the histogram tables) and ``dirs`` (all ten directions)."""
+    ``projections`` and ``dormant`` (the histogram tables, summarised in ``details`` by :func:`separation`
+    and :func:`dormant_stats`) and ``dirs`` (all ten directions)."""
 
     rows: dict
     pairs: pd.DataFrame
@@ -636,5 +664,6 @@ def evaluate_site(model: Transformer, train: PairBatch, test: PairBatch, site: d
     rows, frame = table1(model, cache, test, dirs, bs)
     t["table1_s"] = time.time() - t0
     details = eval_summary(model_name, model_description, site, len(train), cache, test, dirs, parts, t)
-    return SiteEvaluation(rows, frame, details, projections(cache, test, dirs),
-                          dormant_pathway(model, cache, test, dirs, v_grad), dirs)
+    proj, dormant = projections(cache, test, dirs), dormant_pathway(model, cache, test, dirs, v_grad)
+    details.update(separation=separation(proj), dormant=dormant_stats(dormant))
+    return SiteEvaluation(rows, frame, details, proj, dormant, dirs)

@@ -2,7 +2,8 @@
 
 Each facts or ROME job writes one layer's summary (``facts/layer{l}.json``, ``rome/layer{l}.json``);
 :func:`per_layer` keeps the fields of :data:`FACTS_KEYS` / :data:`ROME_KEYS` of each, by layer
-(``facts.json``, ``rome.json``). :func:`merge_parts` copies the top-level keys of every part
+(``facts.json``, ``rome.json``); :func:`dataset_summary` adds to ``facts.json`` what the facts
+are (known to the model or not). :func:`merge_parts` copies the top-level keys of every part
 (toy, IOI, facts, ROME) into ``metrics.json`` after the model; a key given by two parts, or a part
 made with another model, is an error rather than a silent overwrite.
 """
@@ -29,13 +30,25 @@ def per_layer(summaries: list[tuple[str, dict]], fields: tuple[str, ...]) -> dic
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
+def dataset_summary(data: dict) -> dict:
+    """``facts.json``'s ``facts_dataset``: whether the facts were filtered by the model's answers, how
+    many facts it knows and how many pairs were made (``data``: ``facts/data.json``). The claims about
+    facts are testable only on facts the model knows."""
+    return {"require_correct": bool(data["require_correct"]), "n_facts": int(data["n_facts"]),
+            "n_correct": int(data["n_correct"]), "n_pairs": len(data["pairs"])}
+
+
 def merge_parts(manifest: dict, parts: list[tuple[str, object]]) -> dict:
-    """The model (``manifest``: name, description), then the top-level keys of every ``(path, part)``.
+    """The model (``manifest``: name, description and, when it has them, its number of layers as
+    ``model_spec.n_layers``: the relative depth of the facts layers), then the top-level keys of every
+    ``(path, part)``.
 
     A part that is not a JSON object, or whose ``ioi.model`` is not the manifest's model, raises
     :class:`~mechrepro.workflow.artifacts.ArtifactError`; a key given twice raises :class:`ValueError`.
     """
     metrics: dict = {"model": manifest["name"], "model_description": manifest["description"]}
+    if "spec" in manifest:
+        metrics["model_spec"] = {"n_layers": manifest["spec"]["n_layers"]}
     origin: dict[str, str] = {}
     for path, part in parts:
         if not isinstance(part, dict):

@@ -390,12 +390,10 @@ PAPER_LAYERS = 48  # GPT2-XL, the paper's model for this part
 
 
 def paper_curve(art: Artifacts, prefix: str, field: str) -> pd.DataFrame:
-    """The paper's per-layer values ``{prefix}.{layer}.{field}`` with their relative depth."""
-    rows = []
-    for n in art.published.get("numbers", []):
-        parts = n["ours"].split(".")
-        if len(parts) == 3 and parts[0] == prefix and parts[2] == field:
-            rows.append({"layer": int(parts[1]), "depth": int(parts[1]) / PAPER_LAYERS, "value": n["value"]})
+    """The paper's per-layer values (the numbers ``{prefix}.{layer}.{field}`` keyed by a GPT2-XL
+    ``layer``) with their relative depth."""
+    rows = [{"layer": int(n["layer"]), "depth": int(n["layer"]) / PAPER_LAYERS, "value": n["value"]}
+            for n in art.published.get("numbers", []) if "layer" in n and n["ours"] == f"{prefix}.{{layer}}.{field}"]
     return pd.DataFrame(rows, columns=["layer", "depth", "value"])
 
 

@@ -267,16 +267,19 @@ def rome_layer(snk) -> None:
     stage.save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
-def _summary(snk, key: str, fields: tuple[str, ...]) -> None:
+def _summary(snk, key: str, fields: tuple[str, ...], extra: dict | None = None) -> None:
     from mechrepro.studies.subspace_illusion.metrics import per_layer
 
     stage.setup(snk)
     summaries = [(str(path), art.read_json(path)) for path in snk.input.layers]
-    art.save_json(snk.output[0], {key: per_layer(summaries, fields)}, stage.prov(snk, art.read_json(snk.input.manifest)))
+    art.save_json(snk.output[0], {key: per_layer(summaries, fields), **(extra or {})},
+                  stage.prov(snk, art.read_json(snk.input.manifest)))
 
 
 def facts_summary(snk) -> None:
-    _summary(snk, "facts", FACTS_KEYS)
+    from mechrepro.studies.subspace_illusion.metrics import dataset_summary
+
+    _summary(snk, "facts", FACTS_KEYS, {"facts_dataset": dataset_summary(art.read_json(snk.input.data))})
 
 
 def rome_summary(snk) -> None:
