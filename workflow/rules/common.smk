@@ -34,7 +34,7 @@ GPU = 1 if config["model"]["device"] == "cuda" else 0  # GPU request of the mode
 
 
 def all_targets(wildcards):
-    """The inputs of `rule all`: every job's outputs (pipeline.every_output), after checking that none
+    """The inputs of the target all, every job's outputs (pipeline.every_output), after checking that none
     differs from its record, except those this run remakes anyway (--forceall, --forcerun)."""
     made = producers(all_outputs(config), workflow.rules)
     settings = workflow.dag_settings
