@@ -122,11 +122,17 @@ def test_low_rank_at_full_rank_is_the_model_and_keys_are_projected(models, batch
 def test_fit_test_split_and_head_choice():
     assert M.fit_test_split([1, 2, 3, 4, 5]) == ([1, 2], [3, 4, 5])
     assert M.fit_test_split([1]) == ([1], [1])  # nothing left to test on: test on the fit prompt
-    heads = pd.DataFrame({"layer": [0, 1, 2], "head": [0, 1, 2], "dla": [0.5, 0.2, 0.9],
-                          "category": ["correct-letter", "correct-letter", "other"]})
-    assert M.pick_head(heads) == ((0, 0), "correct-letter head with the largest DLA")
-    (head, why) = M.pick_head(heads.assign(category="other"))
-    assert head == (2, 2) and why.startswith("no head met")
+    heads = pd.DataFrame({"node": ["L0H0", "L1H1", "L2H2"], "layer": [0, 1, 2], "head": [0, 1, 2],
+                          "dla": [0.5, 0.2, 0.9], "category": ["correct-letter", "correct-letter", "other"]})
+    # a verified head first (even one with a smaller DLA and another category) ...
+    verify = pd.DataFrame({"node": heads.node, "passes": [False, True, False]})
+    assert M.pick_head(heads, verify) == ((1, 1), "the verified correct-letter head with the largest DLA", True)
+    # ... else the correct-letter category, recorded as not verified ...
+    head, why, verified = M.pick_head(heads, verify.assign(passes=False))
+    assert head == (0, 0) and why.startswith("no head passed") and verified is False
+    # ... else the largest DLA
+    head, why, verified = M.pick_head(heads.assign(category="other"))
+    assert head == (2, 2) and why.startswith("no head met") and verified is False
 
 
 def test_mutation_settings_and_their_evaluation(models, batches, one_thread):
@@ -153,6 +159,8 @@ def test_claim_summaries():
             "numbers": {"full": {"accuracy": 0.8}, "low_rank": {"accuracy": 0.4}},
             "shuffled": {"full": {"accuracy": 0.0}, "low_rank": {"accuracy": 0.0}}}
     assert M.low_rank_kept(muts) == {"numbers": 0.5, "shuffled": None}
+    # only label sets on which the full head is competent
+    assert M.low_rank_kept(muts, min_competence=0.9) == {"numbers": None, "shuffled": None}
     keys = pd.DataFrame({"label_set": ["abcd"] * 4 + ["numbers"] * 4, "position": [1, 2, 1, 2] * 2,
                          "pc1": [1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0], "pc2": [0.0] * 8, "pc3": [0.0] * 8})
     assert M.key_position_r2(keys) == {"abcd": 1.0, "numbers": 0.0}  # keys by position / unrelated to it
@@ -174,17 +182,29 @@ def test_study_metrics_reads_the_tables():
     manifest = {"name": "tiny", "description": "d",
                 "spec": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_model": 8, "d_head": 4, "extra": 0}}
     muts = {"abcd": {"rank": 3, **{s: {"accuracy": 1.0} for s in ("full", "low_rank", "ablated")}}}
+    verify = pd.DataFrame({"node": nodes[:2], "passes": [False, True], "swap_head": [0.1, float("nan")]})
+    vsum = {"n_heads_passing": 1, "heads_passing": ["L0H1"], "thresholds": {"min_swap": 0.8},
+            "checks_passed": {"label_swap": ["L0H1"]}, "swap_model": 0.9}
     m = M.study_metrics(manifest, {"heldout": 0.9, "other": 1}, {"abcd": {"accuracy": 0.8, "loss": 0.3}}, muts, dla,
-                        patch.set_index("node"), heads.set_index("node"), _lr(),
-                        {"n": 5, "ld": 2.0, "top_k_share_abs": 0.7, "share_by_k": {"1": 0.6, "2": 0.9}}, 8, 2)
+                        patch.set_index("node"), heads.set_index("node"), {**_lr(), "verified": True},
+                        {"n": 5, "ld": 2.0, "top_k_share_abs": 0.7, "share_by_k": {"1": 0.6, "2": 0.9}}, 8, 2,
+                        verify.set_index("node"), vsum, 0.8)
+    assert m["verification"]["heads_passing"] == ["L0H1"] and m["verification"]["checks_passed"] == {"label_swap": 1}
+    assert m["verification"]["heads"]["L0H1"] == {"passes": True, "swap_head": None}  # NaN: null in JSON
     assert [t["node"] for t in m["top_nodes"]] == ["L0H1", "MLP0"]  # embed is not a node
     assert m["top_nodes"][1]["category"] == "mlp" and m["top_nodes"][0]["direct_effect"] == 0.5
     assert m["dla"]["n_nodes"] == 3 and m["dla"]["top_decile_k"] == 1 and m["dla"]["top_decile_share_abs"] == 0.6
     assert m["low_rank"]["head_label_attention"] == 0.7 and m["low_rank"]["head_category"] == "correct-letter"
-    assert m["organism"] == {"heldout": 0.9} and "extra" not in m["model_spec"] and m["mutation_rank"] == 3
+    assert m["organism"] == {"heldout": 0.9, "label_control": False} and "extra" not in m["model_spec"] and m["mutation_rank"] == 3
     assert m["n_analysis"] == 5 and "claims" not in m  # the claims are data (reference/published.yaml)
     assert m["low_rank"]["correct_letter_head"] is True and m["patching"] == {"n_flagged": 1, "flagged": ["MLP0"]}
     assert m["head_categories"]["correct-letter"] == 1 and m["low_rank_kept"] == {}
+    # a head that only has the attention pattern is not a correct-letter head for the claims
+    m = M.study_metrics(manifest, {"trained": False}, {"abcd": {"accuracy": 0.8, "loss": 0.3}}, muts, dla,
+                        patch.set_index("node"), heads.set_index("node"), _lr(),
+                        {"n": 5, "ld": 2.0, "top_k_share_abs": 0.7, "share_by_k": {"1": 0.6, "2": 0.9}}, 8, 2,
+                        verify.set_index("node"), vsum, 0.8)
+    assert m["low_rank"]["correct_letter_head"] is False and m["organism"] == {}
 
 
 def test_evaluation_items_and_their_corrupted_prompts(tokenizer):

@@ -45,22 +45,27 @@ def smoke_config():
 def test_organism_trains_saves_and_loads_like_any_model(tmp_path, tokenizer, one_thread):
     cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
     cfg.update(steps=4, eval_every=2, n_eval=8)
-    hf, summary = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
+    assert cfg["label_control"] is True
+    org, summary = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
     assert summary["steps_run"] == 4 and len(summary["train_tokens_sha256"]) == 64
-    manifest = organism.save(hf, tokenizer, tmp_path / "m", summary)
-    assert manifest["source"]["kind"] == "trained" and manifest["spec"]["n_kv_heads"] == 2
+    assert [h["step"] for h in summary["history"]] == [2, 4] and "seconds" in summary["history"][0]
+    assert set(summary["history"][0]["heldout_accuracy_by_label_set"]) == set(cfg["train_label_sets"])
+    manifest = organism.save(org, tokenizer, tmp_path / "m", summary)
+    assert manifest["source"]["kind"] == "trained" and manifest["spec"]["n_kv_heads"] == 4
+    assert manifest["label_control"]["rule"].startswith("positions before the answer line")
     lm = load_model(tmp_path / "m")
     assert lm.manifest["weight_sha256"] == manifest["weight_sha256"]
+    assert lm.model.control is not None  # the control is part of the analysed model
     prompts = mcq.make_prompts(mcq.synthetic_items(8, 5), "random_letters", lm.tokenizer, lm.bos_id, 0)
     batch = mcq.to_batch(prompts, lm.bos_id)
     with torch.no_grad():
         ours = lm.model(batch["tokens"], logits_at=batch["end"]).gather(1, batch["answer_ids"])
-        ref = organism.option_logits(hf, batch)
+        ref = org.option_logits(batch)  # the model as trained, over its own vocabulary
     assert torch.allclose(ours, ref, atol=1e-4)
     # a second training run with the same seed is identical
-    hf2, summary2 = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
+    org2, summary2 = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
     assert summary2["train_tokens_sha256"] == summary["train_tokens_sha256"]
-    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), hf2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(org.model.state_dict().values(), org2.model.state_dict().values()))
 
 
 def test_organism_below_the_gate_fails_with_the_measured_accuracy(tokenizer, one_thread):

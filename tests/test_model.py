@@ -292,3 +292,43 @@ def test_checkpoint_dir_declines_what_it_cannot_read(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     assert Transformer.from_checkpoint_dir(tmp_path) is None
     assert Transformer.from_checkpoint_dir(tmp_path / "missing") is None
+
+
+def test_label_control_hides_labels_until_the_answer_line(models, tmp_path):
+    """LabelControl: a label token (a label id right after a newline id) is seen only by itself and by
+    positions after the row's last newline; the control travels with a checkpoint's config.json."""
+    import copy
+    import json
+
+    from mechrepro.core.model import CONTROL_KEY, LabelControl
+
+    NL, LAB, OTHER = 5, 7, 9  # newline, label-token and other ids of the tiny vocabulary
+    ctl = LabelControl((NL,), (LAB, LAB + 1))
+    tokens = torch.tensor([[1, NL, LAB, OTHER, OTHER, NL, LAB + 1, OTHER, NL, OTHER, OTHER]])
+    allowed = ctl.allowed(tokens)[0, 0]
+    assert not allowed[3, 2] and not allowed[7, 2] and not allowed[7, 6]  # content and later lines: hidden
+    assert allowed[2, 2] and allowed[9, 2] and allowed[10, 6]  # the label itself; the answer line sees them
+    assert allowed[4, 3] and allowed[8, 1]  # other tokens: ordinary causal attention
+    model = copy.copy(models["llama"])
+    model.control = ctl
+    swapped = tokens.clone()
+    swapped[0, 2] = LAB + 1  # another letter at the first label
+    cache_a, cache_b = {}, {}
+    model(tokens, cache=cache_a, cache_names=["ln_final.hook_in"])
+    model(swapped, cache=cache_b, cache_names=["ln_final.hook_in"])
+    a, b = cache_a["ln_final.hook_in"][0], cache_b["ln_final.hook_in"][0]
+    assert torch.allclose(a[3:9], b[3:9], atol=1e-6)  # nothing before the answer line reads the label
+    assert (a[9:] - b[9:]).abs().max() > 1e-4  # the answer line does
+    plain = {}
+    models["llama"](swapped, cache=plain, cache_names=["ln_final.hook_in"])
+    assert (plain["ln_final.hook_in"][0, 3:9] - b[3:9]).abs().max() > 1e-4  # the control changes the model
+    with pytest.raises(ValueError, match="needs their tokens"):
+        model(None, start_layer=1, start_resid=torch.zeros(1, 11, model.spec.d_model))
+    # saved with the checkpoint: config.json carries it, from_checkpoint_dir applies it
+    hf = make_hf("llama")
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[CONTROL_KEY] = ctl.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Transformer.from_checkpoint_dir(tmp_path)
+    assert loaded is not None and loaded.control == ctl

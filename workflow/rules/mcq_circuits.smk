@@ -1,5 +1,5 @@
 # Study C: multiple-choice "correct letter" circuits (model -> datasets -> accuracy -> DLA, patching,
-# head categories -> low rank -> mutations -> metrics). Stage functions: mechrepro.studies.mcq_circuits.stages.
+# head categories -> correct-letter checks -> low rank -> mutations -> metrics). Stage functions: mechrepro.studies.mcq_circuits.stages.
 from mechrepro.studies.mcq_circuits import model_dir as _mcq_model_dir
 
 MCQ_RESULTS = STUDIES["mcq_circuits"].results
@@ -23,7 +23,7 @@ rule mcq_model:
         "results/benchmarks/mcq_circuits/mcq_model.tsv"
     conda:
         ENV
-    threads: 1  # small matrices: one thread is faster than two, and much faster on a shared machine
+    threads: 2  # d_model 256, 4 layers: the training step's matrices use both cores
     resources:
         mem_mb=3000,
         runtime=60,
@@ -155,12 +155,45 @@ rule mcq_heads:
         "../scripts/stage.py"
 
 
+rule mcq_verify:
+    input:
+        manifest=MCQ_MANIFEST,
+        data=f"{MCQ_RESULTS}/data/abcd.json",
+        accuracy=f"{MCQ_RESULTS}/accuracy/abcd.csv",
+        random_letters=[
+            f"{MCQ_RESULTS}/data/random_letters.json"
+            for s in MCQ_LABEL_SETS
+            if s == "random_letters"
+        ],
+        patching=f"{MCQ_RESULTS}/patching.csv",
+        patching_json=f"{MCQ_RESULTS}/patching.json",
+    output:
+        csv=f"{MCQ_RESULTS}/verify.csv",
+        json=f"{MCQ_RESULTS}/verify.json",
+    log:
+        "logs/mcq_circuits/mcq_verify.log",
+    benchmark:
+        "results/benchmarks/mcq_circuits/mcq_verify.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=GPU,
+    params:
+        cfg=cfg("mcq_verify"),
+    script:
+        "../scripts/stage.py"
+
+
 rule mcq_low_rank:
     input:
         manifest=MCQ_MANIFEST,
         data=f"{MCQ_RESULTS}/data/abcd.json",
         accuracy=f"{MCQ_RESULTS}/accuracy/abcd.csv",
         heads=f"{MCQ_RESULTS}/heads.csv",
+        verify=f"{MCQ_RESULTS}/verify.csv",
         keys_data=[f"{MCQ_RESULTS}/data/{s}.json" for s in MCQ_KEY_SETS],
     output:
         json=f"{MCQ_RESULTS}/low_rank.json",
@@ -220,6 +253,8 @@ rule mcq_metrics:
         patching=f"{MCQ_RESULTS}/patching.csv",
         heads=f"{MCQ_RESULTS}/heads.csv",
         low_rank=f"{MCQ_RESULTS}/low_rank.json",
+        verify=f"{MCQ_RESULTS}/verify.csv",
+        verify_json=f"{MCQ_RESULTS}/verify.json",
     output:
         f"{MCQ_RESULTS}/metrics.json",
     log:

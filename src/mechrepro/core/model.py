@@ -36,6 +36,50 @@ from torch import Tensor, nn
 
 Hook = Callable[[Tensor], "Tensor | None"]
 
+CONTROL_KEY = "mechrepro_label_control"  # the key of :class:`LabelControl` in a checkpoint's config.json
+
+
+def rotary_inv_freq(d_head: int, theta: float = 10000.0) -> Tensor:
+    """The rotary frequencies as transformers' default rotary embedding computes them (float32, integer steps)."""
+    steps = torch.arange(0, d_head, 2, dtype=torch.int64).to(device="cpu", dtype=torch.float)
+    return 1.0 / (float(theta) ** (steps / d_head))
+
+
+@dataclass(frozen=True)
+class LabelControl:
+    """An architectural control of a multiple-choice prompt: no position before the answer line
+    attends to a label token (other than itself), so a label's letter exists only at the label
+    until the answer line reads it.
+
+    A *label token* is a token of ``label_ids`` right after a token of ``newline_ids``; the
+    *answer line* is every position after the last token of ``newline_ids`` of the row (padding
+    is not a newline). Part of the model: a checkpoint carries it in its ``config.json``
+    (:data:`CONTROL_KEY`), so the analyses run the model that was trained.
+    """
+
+    newline_ids: tuple[int, ...]
+    label_ids: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"rule": "positions before the answer line cannot attend to label tokens",
+                "newline_ids": list(self.newline_ids), "label_ids": list(self.label_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> LabelControl | None:
+        return None if not d else cls(tuple(int(i) for i in d["newline_ids"]), tuple(int(i) for i in d["label_ids"]))
+
+    def allowed(self, tokens: Tensor) -> Tensor:
+        """``[b, 1, p, p]``: False where query ``q`` (before the answer line) may not see key ``k`` (a label)."""
+        nl = torch.isin(tokens, torch.tensor(self.newline_ids, device=tokens.device))
+        after_nl = torch.zeros_like(nl)
+        after_nl[:, 1:] = nl[:, :-1]
+        is_label = torch.isin(tokens, torch.tensor(self.label_ids, device=tokens.device)) & after_nl  # [b, p]
+        before_answer = nl.flip(-1).cumsum(-1).flip(-1) > 0  # a newline at or after q
+        p = tokens.shape[1]
+        not_self = ~torch.eye(p, dtype=torch.bool, device=tokens.device)
+        blocked = before_answer[:, :, None] & is_label[:, None, :] & not_self  # [b, q, k]
+        return ~blocked[:, None]
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -65,9 +109,11 @@ class Transformer(nn.Module):
     ``W_in[l]: [d, f]`` (and ``W_gate[l]`` for gated MLPs), ``W_out[l]: [f, d]``, ``W_U: [d, v]``.
     """
 
-    def __init__(self, spec: ModelSpec, params: Mapping[str, Tensor], inv_freq: Tensor | None = None):
+    def __init__(self, spec: ModelSpec, params: Mapping[str, Tensor], inv_freq: Tensor | None = None,
+                 control: LabelControl | None = None):
         super().__init__()
         self.spec = spec
+        self.control = control  # an architectural attention control (:class:`LabelControl`), or None
         for name, value in params.items():
             self.register_buffer("w__" + name.replace(".", "__"), value.float().contiguous(), persistent=True)
         if inv_freq is not None:
@@ -78,6 +124,14 @@ class Transformer(nn.Module):
     def p(self, name: str) -> Tensor:
         """The parameter tensor called ``name`` (e.g. ``"blocks.3.W_Q"``)."""
         return getattr(self, "w__" + name.replace(".", "__"))
+
+    def trainable(self) -> list[Tensor]:
+        """Make every parameter a leaf that requires grad (the forward pass reads them directly), and
+        return them: the model trained by Study C's organism runs this same forward pass."""
+        params = [b for name, b in self.named_buffers() if name.startswith("w__")]
+        for t in params:
+            t.requires_grad_(True)
+        return params
 
     def has(self, name: str) -> bool:
         return hasattr(self, "w__" + name.replace(".", "__"))
@@ -165,6 +219,9 @@ class Transformer(nn.Module):
                 after rotary), e.g. ``hook_rot_k``/``hook_k`` and ``hook_v`` of a clean run. The
                 given tokens then attend to ``past`` (the first ``past_len[b]`` entries of each
                 row) and causally to each other: a suffix is recomputed without its prefix.
+
+        A model with a :class:`LabelControl` needs ``tokens`` for a full pass; a resumed pass
+        (``past``) recomputes answer-line positions (END), which the control does not restrict.
         """
         hooks = hooks or {}
         names = None if cache_names is None else set(cache_names)
@@ -192,6 +249,11 @@ class Transformer(nn.Module):
             x = start_resid
         last = spec.n_layers if stop_layer is None else stop_layer
         mask = self._mask(pos, b, past_len, past[start_layer][0].shape[1] if past else 0)
+        if self.control is not None and past is None:
+            if tokens is None:
+                raise ValueError("this model has a label-attention control: a pass over whole prompts needs their "
+                                 "tokens (start_resid without tokens or past is not supported)")
+            mask = mask & self.control.allowed(tokens)
         for layer in range(start_layer, last):
             x = self._block(layer, x, pos, hook, hooks, mask, None if past is None else past[layer])
         if stop_layer is not None:
@@ -290,7 +352,7 @@ class Transformer(nn.Module):
             scaling = float(getattr(hf_model.model.rotary_emb, "attention_scaling", 1.0))
             if scaling != 1.0:
                 raise NotImplementedError(f"rotary attention scaling {scaling} is not supported")
-            return cls._from_llama(cfg, sd, inv_freq)
+            return cls._from_llama(cfg, sd, inv_freq, LabelControl.from_dict(getattr(cfg, CONTROL_KEY, None)))
         raise NotImplementedError(
             f"model_type '{mtype}' is not supported; supported: gpt2, llama, qwen2, mistral"
         )
@@ -335,10 +397,7 @@ class Transformer(nn.Module):
         if rope.get("rope_type", rope.get("type", "default")) != "default" or raw.get("partial_rotary_factor", 1.0) != 1.0:
             return None
         e = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-        # as transformers' default rotary embedding computes it (float32, integer steps)
-        steps = torch.arange(0, e, 2, dtype=torch.int64).to(device="cpu", dtype=torch.float)
-        inv_freq = 1.0 / (float(rope["rope_theta"]) ** (steps / e))
-        return cls._from_llama(cfg, sd, inv_freq)
+        return cls._from_llama(cfg, sd, rotary_inv_freq(e, rope["rope_theta"]), LabelControl.from_dict(raw.get(CONTROL_KEY)))
 
     @classmethod
     def _from_gpt2(cls, cfg, sd: dict[str, Tensor]) -> Transformer:
@@ -365,7 +424,8 @@ class Transformer(nn.Module):
         return cls(spec, p)
 
     @classmethod
-    def _from_llama(cls, cfg, sd: dict[str, Tensor], inv_freq: Tensor) -> Transformer:
+    def _from_llama(cls, cfg, sd: dict[str, Tensor], inv_freq: Tensor, control: LabelControl | None = None
+                    ) -> Transformer:
         d, H = cfg.hidden_size, cfg.num_attention_heads
         G = getattr(cfg, "num_key_value_heads", None) or H
         e = getattr(cfg, "head_dim", None) or d // H
@@ -392,4 +452,4 @@ class Transformer(nn.Module):
             p[f"blocks.{l}.W_out"] = sd[s + "mlp.down_proj.weight"].T
         p["ln_final.w"] = sd["model.norm.weight"]
         p["W_U"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).T
-        return cls(spec, p, inv_freq)
+        return cls(spec, p, inv_freq, control)

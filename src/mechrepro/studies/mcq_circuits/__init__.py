@@ -3,7 +3,8 @@
 
 Modules: ``data`` (synthetic and MMLU questions, label mutations, tokenization), ``organism``
 (the small model trained here when ``mcq.model`` is ``organism``), ``analysis`` (DLA, patching,
-head categories, low-rank q/k/v), ``stages`` (one function per rule of
+head categories, low-rank q/k/v), ``verify`` (the checks of a genuine correct-letter head),
+``metrics`` (tables, summaries, ``metrics.json``), ``stages`` (one function per rule of
 ``workflow/rules/mcq_circuits.smk``), ``plotting`` (the figures of ``notebooks/mcq_circuits/``).
 """
 
@@ -66,9 +67,10 @@ STUDY = Study(
         "mcq_dla": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.top_k"],
         "mcq_patching": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.max_rows"],
         "mcq_heads": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis"],
+        "mcq_verify": ["seed", "model.device", "model.dtype", "mcq.batch_size", "mcq.verify"],
         "mcq_low_rank": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.low_rank"],
         "mcq_mutations": ["model.device", "model.dtype", "mcq.batch_size"],
-        "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets"],
+        "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets", "mcq.min_competence"],
     },
     figures=FIGURES,
     scorecard=["study_c"],

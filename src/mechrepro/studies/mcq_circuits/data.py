@@ -64,6 +64,8 @@ CATEGORIES: dict[str, list[str]] = {
     "tool": ["hammer", "saw", "drill", "knife", "axe", "shovel", "rake", "needle", "brush", "wrench"],
     "drink": ["water", "milk", "coffee", "tea", "juice", "beer", "wine", "soda", "cocoa", "lemonade"],
 }
+# Words put before an option's content in training (variable option lengths; ``adjective_p``).
+ADJECTIVES = ["big", "small", "old", "new", "nice", "good", "little", "long"]
 NAMES = ["Tom", "Anna", "Mary", "John", "Sam", "Lucy", "Paul", "Kate", "Mark", "Emma", "Jack", "Sara"]
 VERBS = [("has", "have"), ("likes", "like"), ("sees", "see"), ("wants", "want")]
 TASKS = ("category", "fact", "copy")
@@ -138,8 +140,11 @@ def label_set(name: str, n_options: int, rng: random.Random) -> LabelSet:
     return LabelSet(name, perm)
 
 
-def synthetic_item(rng: random.Random, n_options: int = 4, tasks=TASKS, uid: str = "") -> MCQItem:
-    """One synthetic question; the correct option is determined by the prompt (see module docstring)."""
+def synthetic_item(rng: random.Random, n_options: int = 4, tasks=TASKS, uid: str = "",
+                   adjective_p: float = 0.0) -> MCQItem:
+    """One synthetic question; the correct option is determined by the prompt (see module docstring).
+    With ``adjective_p`` > 0 each option gets an adjective before its word with that probability
+    (options of one or two tokens; the question still names the bare word)."""
     if n_options < 2:
         raise MCQError(f"n_options must be at least 2, got {n_options}")
     task = rng.choice(list(tasks))
@@ -162,6 +167,8 @@ def synthetic_item(rng: random.Random, n_options: int = 4, tasks=TASKS, uid: str
             question = f"Which option says {answer}?"
     options = distractors[:]
     options.insert(correct, answer)
+    if adjective_p > 0:
+        options = [f"{rng.choice(ADJECTIVES)} {o}" if rng.random() < adjective_p else o for o in options]
     return MCQItem(question, options, correct, task=task, uid=uid)
 
 

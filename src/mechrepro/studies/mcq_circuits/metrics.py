@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -219,14 +220,24 @@ def heads_summary(frame: pd.DataFrame, n: int, model_name: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------- 5. low rank
-def pick_head(heads: pd.DataFrame) -> tuple[Head, str]:
-    """The correct-letter head with the largest DLA, else the head with the largest DLA."""
-    cl = heads[heads.category == "correct-letter"]
+def pick_head(heads: pd.DataFrame, verify: pd.DataFrame | None = None) -> tuple[Head, str, bool]:
+    """The head of the low-rank analysis, why, and whether it passed every check of
+    :mod:`~mechrepro.studies.mcq_circuits.verify`: the verified head with the largest DLA, else the
+    correct-letter-category head with the largest DLA, else the head with the largest DLA."""
+    by_dla = heads.sort_values("dla", ascending=False)
+    if verify is not None:
+        ok = set(verify.loc[verify.passes.astype(bool), "node"])
+        good = by_dla[by_dla.node.isin(ok)]
+        if len(good):
+            r = good.iloc[0]
+            return (int(r["layer"]), int(r["head"])), "the verified correct-letter head with the largest DLA", True
+    cl = by_dla[by_dla.category == "correct-letter"]
     if len(cl):
-        r = cl.sort_values("dla", ascending=False).iloc[0]
-        return (int(r["layer"]), int(r["head"])), "correct-letter head with the largest DLA"
-    r = heads.sort_values("dla", ascending=False).iloc[0]
-    return (int(r["layer"]), int(r["head"])), "no head met the correct-letter rule: the head with the largest DLA"
+        r = cl.iloc[0]
+        return ((int(r["layer"]), int(r["head"])),
+                "no head passed the correct-letter checks: the correct-letter-category head with the largest DLA", False)
+    r = by_dla.iloc[0]
+    return (int(r["layer"]), int(r["head"])), "no head met the correct-letter rule: the head with the largest DLA", False
 
 
 def fit_test_split(prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
@@ -345,10 +356,12 @@ def key_position_r2(keys: pd.DataFrame) -> dict[str, float | None]:
     return out
 
 
-def low_rank_kept(muts: dict[str, dict]) -> dict[str, float | None]:
+def low_rank_kept(muts: dict[str, dict], min_competence: float = 0.0) -> dict[str, float | None]:
     """Per mutated label set (not ``abcd``): the low-rank head's accuracy as a fraction of the full
-    head's (None when the full head gets nothing right): the paper's Figure 11 comparison."""
-    return {k: (m["low_rank"]["accuracy"] / m["full"]["accuracy"] if m["full"]["accuracy"] > 0 else None)
+    head's (the paper's Figure 11 comparison); None where the full head is not competent (accuracy
+    below ``min_competence``, or 0)."""
+    return {k: (m["low_rank"]["accuracy"] / m["full"]["accuracy"]
+                if m["full"]["accuracy"] > 0 and m["full"]["accuracy"] >= min_competence else None)
             for k, m in muts.items() if k != "abcd"}
 
 
@@ -358,9 +371,31 @@ def category_counts(heads: pd.DataFrame) -> dict[str, int]:
     return {c: int(counts.get(c, 0)) for c in ma.CATEGORY_RULES}
 
 
+def organism_summary(training: dict) -> dict:
+    """The organism's training record in ``metrics.json`` (empty for a registry model)."""
+    if training.get("trained") is False:
+        return {}
+    keys = ("heldout", "heldout_by_label_set", "steps_run", "n_parameters", "n_trained_parameters", "timings")
+    return {k: training[k] for k in keys if k in training} | {"label_control": bool(training.get("label_control"))}
+
+
+def verification(verify: pd.DataFrame, summary: dict, top: list[str]) -> dict:
+    """What ``metrics.json`` says about the correct-letter checks: the passing heads, and every
+    check's number for them and for the ``top`` heads by |DLA|."""
+    show = [n for n in dict.fromkeys([*summary["heads_passing"], *top]) if n in verify.index]
+
+    def number(x):
+        return None if pd.isna(x) else (bool(x) if isinstance(x, (bool, np.bool_)) else float(x))
+
+    return {"n_heads_passing": summary["n_heads_passing"], "heads_passing": summary["heads_passing"],
+            "swap_model": summary.get("swap_model"), "thresholds": summary["thresholds"],
+            "checks_passed": {c: len(v) for c, v in summary["checks_passed"].items()},
+            "heads": {n: {k: number(v) for k, v in verify.loc[n].items()} for n in show}}
+
+
 def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: dict[str, dict], dla: pd.DataFrame,
                   patch: pd.DataFrame, heads: pd.DataFrame, lr: dict, dla_summary: dict, n_items: int,
-                  top_k: int) -> dict:
+                  top_k: int, verify: pd.DataFrame, verify_summary: dict, min_competence: float) -> dict:
     """``metrics.json`` of Study C from every analysis' artifacts (tables indexed by node)."""
     n_nodes = len(dla[dla.kind.isin(["head", "mlp"])])
     k10 = max(1, round(0.1 * n_nodes))  # the top 10 % of the heads and MLPs
@@ -368,8 +403,7 @@ def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: di
     return {
         "model": manifest["name"], "model_description": manifest["description"],
         "model_spec": {k: manifest["spec"][k] for k in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head")},
-        "organism": {k: training[k] for k in ("heldout", "steps_run", "n_parameters", "n_trained_parameters")
-                     if k in training},
+        "organism": organism_summary(training),
         "label_sets": list(acc), "n_items": n_items, "n_analysis": dla_summary["n"],
         "accuracy": {k: v["accuracy"] for k, v in acc.items()},
         "loss": {k: v["loss"] for k, v in acc.items()},
@@ -378,13 +412,17 @@ def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: di
         "top_nodes": top_nodes(dla, patch, heads, top_k),
         "head_categories": category_counts(heads),
         "patching": {"n_flagged": int(patch.indirect_flag.sum()), "flagged": list(patch.index[patch.indirect_flag])},
+        "verification": verification(verify, verify_summary, [t["node"] for t in top_nodes(dla, patch, heads, top_k)
+                                                             if t["node"].startswith("L")][:3]),
         "low_rank": {"head": lr["head"], "selection": lr["selection"], "d_head": lr["d_head"],
                      "head_label_attention": float(heads.loc[lr["head"], "label_att"]),
                      "head_category": heads.loc[lr["head"], "category"],
-                     "correct_letter_head": bool(heads.loc[lr["head"], "category"] == "correct-letter"),
+                     # a head that passed every check of verify.py (the claims that need one read this)
+                     "correct_letter_head": bool(lr.get("verified", False)),
                      "loss_by_rank": lr["loss_by_rank"], "ablated_loss": lr["ablated"]["loss"],
                      "key_position_r2": lr.get("key_position_r2")},
         "mutations": {k: {s: m[s]["accuracy"] for s in ("full", "low_rank", "ablated")} for k, m in muts.items()},
         "mutation_rank": next(iter(muts.values()))["rank"] if muts else None,
-        "low_rank_kept": low_rank_kept(muts),
+        "min_competence": min_competence,
+        "low_rank_kept": low_rank_kept(muts, min_competence),
     }

@@ -2,44 +2,58 @@
 
 The embedded default model (SmolLM2-135M) answers A/B/C/D questions at chance, and the paper's
 model (Chinchilla 70B) is closed, so the default run trains its own subject: a Llama-style
-decoder (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP; a few layers,
-d_model 128) with the real GPT-2 BPE tokenizer, on the synthetic questions of :mod:`mechrepro.studies.mcq_circuits.data`.
-It is saved as an ordinary model directory (Hugging Face config + safetensors + tokenizer +
-``manifest.json``), so :func:`mechrepro.core.registry.load_model` loads it like any other model and
-the analyses cannot tell it apart from a pretrained one.
+decoder (RMSNorm, rotary positions, SwiGLU MLP; 4 layers, d_model 256, 8 heads each with its own
+keys and values) with the real GPT-2 BPE tokenizer, on the synthetic questions of
+:mod:`mechrepro.studies.mcq_circuits.data`. It is trained with the project's own forward pass
+(:class:`mechrepro.core.model.Transformer`, whose weights :meth:`~mechrepro.core.model.Transformer.trainable`
+turns into leaves), so the model trained is the model analysed, and saved as an ordinary model
+directory (Hugging Face config + safetensors + tokenizer + ``manifest.json``) that
+:func:`mechrepro.core.registry.load_model` loads like any other model.
 
-Training (seeded, a few minutes on 2 CPU cores):
+Why it is built this way (the paper's mechanism, issue "an organism with genuine correct-letter
+heads"): a correct-letter head attends from the final position to the label of the correct option
+and copies its letter. Under causal attention that takes three steps: (i) an option's content
+works out that it is correct, (ii) the final position fetches the correct option's list index,
+(iii) a head whose query is that index attends to the label with the same index and copies it.
+A model whose content tokens read their own label (the label comes just before its content) can
+skip (iii): the final position then gathers the letter from the correct content ("content
+gatherer", what the earlier 2-layer organism with a label probe learned).
 
-* Fresh items every step from a seeded stream; each item's label set is drawn from
-  ``train_label_sets``. The default, ``[abcd, random_letters]``, shows the model that labels are
-  arbitrary tokens to be copied (as pretraining does for real models); numbers, other ordered
-  letters, shuffled ABCD, another separator and a missing prelude are never seen, so those
-  mutations test generalisation, as in the paper.
-* The task loss is the cross-entropy over the options' answer tokens (``" " + label``) at the
-  final position. Two auxiliary losses make it learnable in minutes:
+Training (seeded; a few minutes on 2 CPU cores; the time and the held-out accuracies are recorded
+every ``eval_every`` steps in ``history``, the training-time/accuracy curve):
 
-  - a next-token loss over every position (weight ``lm_weight``, softmax over the generator's
-    vocabulary only), the language-modelling signal a pretrained model has had;
-  - **training-only probes** (weight ``probe_weight``) on the residual stream after the first
-    layer, at each option's last content token: a linear read-out of that option's label, and of
-    whether it is the correct option. The task needs two composed steps (an option's content
-    must learn its label, then the final position must find the correct option and copy that
-    label); with the task loss alone the model collapsed to a constant answer and stayed at
-    chance for 2,000 steps (measured). The probes teach the first step directly; they are
-    discarded and are not part of the saved model — the circuit the analyses find is whatever
-    the model built on top of such features.
-
-  Only the embedding / unembedding rows of the ~240 tokens the generator uses are trained
-  (embedding and unembedding untied; the trained input rows start at unit scale). The rest of
-  the GPT-2 vocabulary keeps its random initialisation and is never produced.
+* Fresh items every step from a seeded stream. Each item's label set is drawn from
+  ``train_label_sets`` (default ``abcd``, ``random_letters``, ``numbers``: label sets a pretrained
+  model has seen; labels are arbitrary tokens to be copied). Shuffled ABCD, another separator and
+  a missing prelude are never seen (``other_letters``, ordered letters after D, are a special
+  case of the random letters seen).
+* **Curriculum**: the first ``copy_steps`` steps ask copy questions only ("Which option says
+  dog?"); the number of options grows from 2 to 4 over the first ``ramp_steps`` steps; after
+  that it is drawn from 2-4 (4 half of the time). Options get an adjective with probability
+  ``adjective_p`` (options of variable length, so a label's list index is not a fixed offset).
+* Losses: the cross-entropy over the options' answer tokens (``" " + label``) at the final
+  position; a next-token loss over every position (``lm_weight``, softmax over the generator's
+  vocabulary only); and **training-only probes** (``probe_weight``) on the residual stream after
+  layer ``probe_layer``: the **list index** (0 … n−1) of every label token and every content
+  token, and whether each content token belongs to the correct option. There is **no label
+  probe**: nothing teaches a content token its letter. The probes are discarded; they are not
+  part of the saved model.
+* ``label_control``: the documented architectural control. When true, no position before the
+  answer line attends to a label token (:class:`mechrepro.core.model.LabelControl`), so a label's
+  letter exists only at the label and the final line must fetch it from there: step (iii) cannot
+  be skipped. The control is part of the model (saved in ``config.json``, applied by the
+  analysis model too). It is used because training alone did not produce the heads (see
+  ``docs/studies/mcq_circuits.md`` for the measured runs with and without it).
+* Only the embedding / unembedding rows of the tokens the generator uses are trained (embedding
+  and unembedding untied; the trained input rows start at unit scale, ``embed_std``). The rest of
+  the GPT-2 vocabulary keeps a seeded random initialisation and is never produced.
 * AdamW with linear warm-up and cosine decay; training stops early once the held-out accuracy
-  on normal (ABCD) labels reaches ``stop_accuracy`` (checked every ``eval_every`` steps).
-* The held-out set is drawn from another seed. The stage fails, naming the measured accuracy,
-  when it stays below ``min_accuracy`` (the paper's "only items the model gets right" needs a
-  model that gets most of them right).
+  on normal (ABCD) labels reaches ``stop_accuracy`` (checked every ``eval_every`` steps, not
+  before ``min_steps``). The held-out set is drawn from another seed. The stage fails, naming the
+  measured accuracy, when it stays below ``min_accuracy``.
 
-The manifest records the training config, seed, a SHA-256 of every training token and the
-final accuracy.
+The manifest records the training config, seed, a SHA-256 of every training token, the control
+and the final accuracy.
 """
 
 from __future__ import annotations
@@ -56,9 +70,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mechrepro.core.model import CONTROL_KEY, LabelControl, ModelSpec, Transformer, rotary_inv_freq
 from mechrepro.studies.mcq_circuits import data as mcq
 
 NAME = "mcq-organism"
+ROPE_THETA = 10000.0
+NORM_EPS = 1e-6
 
 
 class OrganismTooWeakError(RuntimeError):
@@ -76,17 +93,8 @@ class CachedTokenizer:
         return {"input_ids": list(self._enc(text))}
 
 
-def build(cfg: dict, vocab_size: int, bos_id: int, seed: int):
-    """A freshly initialised Hugging Face Llama-style model with the organism's shape."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    hf_cfg = LlamaConfig(num_hidden_layers=cfg["n_layers"], hidden_size=cfg["d_model"],
-                         num_attention_heads=cfg["n_heads"], num_key_value_heads=cfg["n_kv_heads"],
-                         intermediate_size=cfg["d_mlp"], vocab_size=vocab_size, max_position_embeddings=512,
-                         bos_token_id=bos_id, eos_token_id=bos_id, tie_word_embeddings=False,
-                         initializer_range=cfg.get("init_std", 0.02))
-    return LlamaForCausalLM(hf_cfg)
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def used_token_ids(tok, bos_id: int) -> list[int]:
@@ -94,13 +102,15 @@ def used_token_ids(tok, bos_id: int) -> list[int]:
     ids: set[int] = {bos_id}
 
     def add(text: str) -> None:
-        ids.update(tok(text, add_special_tokens=False)["input_ids"])
+        ids.update(_ids(tok, text))
 
     for text in (mcq.PRELUDE + "\n\n", "\n", mcq.ANSWER, mcq.SEPARATOR, mcq.MUTATED_SEPARATOR):
         add(text)
     for lab in [*string.ascii_uppercase, *"123456789"]:
         add(lab)
         add(" " + lab)
+    for adj in mcq.ADJECTIVES:
+        add(" " + adj)
     for cat, words in mcq.CATEGORIES.items():
         add(f"Which of these is a {cat}?")
         for w in words:
@@ -112,124 +122,163 @@ def used_token_ids(tok, bos_id: int) -> list[int]:
     return sorted(ids)
 
 
-class _Trainable(torch.nn.Module):
-    """The HF model with its embedding and unembedding frozen except for the rows of the tokens in use.
+def label_control(tok) -> LabelControl:
+    """The control of this tokenizer: newline tokens and every single-token label (A-Z, 1-9)."""
+    newline = sorted({i for t in ("\n", "\n\n") for i in _ids(tok, t)})
+    labels = sorted({_ids(tok, x)[0] for x in [*string.ascii_uppercase, *"123456789"] if len(_ids(tok, x)) == 1})
+    return LabelControl(tuple(newline), tuple(labels))
 
-    Training only those rows keeps the optimizer step small (the GPT-2 vocabulary has 50,257
-    rows; the generator uses a few hundred). The trained input rows start at unit scale
-    (``embed_std``): with the default 0.02 the token identities are drowned by the blocks' outputs
-    in the residual stream and the model collapses to a constant answer. :meth:`write_back`
-    copies the rows into the model (embedding and unembedding are untied).
-    """
 
-    def __init__(self, hf_model, used: list[int], embed_std: float = 1.0):
+def organism_spec(cfg: dict, vocab_size: int) -> ModelSpec:
+    d, h = cfg["d_model"], cfg["n_heads"]
+    return ModelSpec("llama", cfg["n_layers"], h, cfg["n_kv_heads"], d, d // h, cfg["d_mlp"], vocab_size, NORM_EPS)
+
+
+def init_params(spec: ModelSpec, gen: torch.Generator, embed_std: float, std: float = 0.02) -> dict[str, Tensor]:
+    """Seeded initial weights in :class:`Transformer`'s layout (as Hugging Face initialises Llama,
+    but the input embedding at ``embed_std``)."""
+    d, e, f, h, g, v = spec.d_model, spec.d_head, spec.d_mlp, spec.n_heads, spec.n_kv_heads, spec.vocab_size
+
+    def normal(*shape, s=std):
+        return torch.randn(*shape, generator=gen) * s
+
+    p = {"W_E": normal(v, d, s=embed_std)}
+    for l in range(spec.n_layers):
+        p |= {f"blocks.{l}.W_Q": normal(h, d, e), f"blocks.{l}.W_K": normal(g, d, e), f"blocks.{l}.W_V": normal(g, d, e),
+              f"blocks.{l}.W_O": normal(h, e, d), f"blocks.{l}.ln1.w": torch.ones(d), f"blocks.{l}.ln2.w": torch.ones(d),
+              f"blocks.{l}.W_gate": normal(d, f), f"blocks.{l}.W_in": normal(d, f), f"blocks.{l}.W_out": normal(f, d)}
+    p |= {"ln_final.w": torch.ones(d), "W_U": normal(d, v)}
+    return p
+
+
+class Organism(torch.nn.Module):
+    """The organism during training: a :class:`Transformer` over the generator's vocabulary only
+    (``used`` GPT-2 ids → rows 0 … U−1) and the training-only probes."""
+
+    def __init__(self, cfg: dict, used: list[int], control: LabelControl | None, seed: int):
         super().__init__()
-        self.hf = hf_model
-        emb, out = hf_model.get_input_embeddings().weight, hf_model.get_output_embeddings().weight
-        emb.requires_grad_(False)
-        out.requires_grad_(False)
+        gen = torch.Generator().manual_seed(seed)
         self.used = torch.tensor(used)
-        self.rows = torch.nn.Parameter(torch.randn(len(used), emb.shape[1]) * embed_std)
-        self.out_rows = torch.nn.Parameter(out.detach()[self.used].clone())
-        self.remap = torch.full((emb.shape[0],), -1, dtype=torch.long)
+        self.remap = torch.full((max(used) + 1,), -1, dtype=torch.long)
         self.remap[self.used] = torch.arange(len(used))
-        d = emb.shape[1]
-        # training scaffolding (not saved): probes on the residual stream after the first layer
-        self.probe_label = torch.nn.Linear(d, len(used))
-        self.probe_correct = torch.nn.Linear(d, 1)
+        spec = organism_spec(cfg, len(used))
+        compact_control = None
+        if control is not None:  # the control in compact ids
+            compact_control = LabelControl(tuple(self.remap[list(control.newline_ids)].tolist()),
+                                           tuple(int(self.remap[i]) for i in control.label_ids if i <= max(used)
+                                                 and self.remap[i] >= 0))
+        self.model = Transformer(spec, init_params(spec, gen, cfg.get("embed_std", 1.0)),
+                                 rotary_inv_freq(spec.d_head, ROPE_THETA), compact_control)
+        self.weights = self.model.trainable()
+        self.probe_layer = min(cfg["probe_layer"], spec.n_layers - 1)
+        self.probe_index = torch.nn.Linear(spec.d_model, 4)
+        self.probe_correct = torch.nn.Linear(spec.d_model, 1)
 
-    def _index(self, ids: Tensor) -> Tensor:
-        idx = self.remap[ids]
-        if (idx < 0).any():
-            raise ValueError(f"token ids {ids[idx < 0].unique().tolist()[:5]} are not in the organism's vocabulary")
-        return idx
+    def index(self, ids: Tensor) -> Tensor:
+        if int(ids.max()) >= len(self.remap) or (self.remap[ids] < 0).any():
+            bad = ids[(ids >= len(self.remap)) | (self.remap[ids.clamp_max(len(self.remap) - 1)] < 0)]
+            raise ValueError(f"token ids {bad.unique().tolist()[:5]} are not in the organism's vocabulary")
+        return self.remap[ids]
 
-    def option_logits(self, batch: dict[str, Tensor], lm: bool = False):
-        """Option logits at END ``[b, n]``; with ``lm`` also the auxiliary losses ``(next-token, probes)``."""
-        idx = self._index(batch["tokens"])
-        out = self.hf.model(inputs_embeds=self.rows[idx], attention_mask=batch["mask"], output_hidden_states=lm)
-        hidden = out.last_hidden_state
-        rows = torch.arange(len(hidden))
-        h_end = hidden[rows, batch["end"]]  # already final-normed
-        opt = torch.einsum("bd,bkd->bk", h_end, self.out_rows[self._index(batch["answer_ids"])])
-        if not lm:
-            return opt
-        logits = hidden[:, :-1] @ self.out_rows.T  # [b, p-1, used]
+    def option_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Option logits at END ``[b, n]``."""
+        logits = self.model(self.index(batch["tokens"]), logits_at=batch["end"])
+        return logits.gather(1, self.index(batch["answer_ids"]))
+
+    def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Option logits at END, the next-token loss and the probe loss of one training batch."""
+        idx = self.index(batch["tokens"])
+        cache: dict[str, Tensor] = {}
+        name = f"blocks.{self.probe_layer}.hook_resid_post"
+        logits = self.model(idx, cache=cache, cache_names=[name])  # [b, p, U]
+        rows = torch.arange(len(idx))
+        opt = logits[rows, batch["end"]].gather(1, self.index(batch["answer_ids"]))
         keep = batch["mask"][:, 1:].bool()
-        lm_loss = torch.nn.functional.cross_entropy(logits[keep], idx[:, 1:][keep])
-        # probes at each option's last content token, after layer 0: its label, and whether it is correct
-        width = batch["tokens"].shape[1]
-        last = (batch["content_mask"] * torch.arange(width)).argmax(-1)  # [b, n]
-        h1 = out.hidden_states[1][rows[:, None], last]  # [b, n, d]
-        labels = idx.gather(1, batch["label_pos"])  # [b, n]
-        probe = torch.nn.functional.cross_entropy(self.probe_label(h1).flatten(0, 1), labels.flatten())
-        target = torch.nn.functional.one_hot(batch["correct"], h1.shape[1]).float()
-        probe = probe + torch.nn.functional.binary_cross_entropy_with_logits(self.probe_correct(h1)[..., 0], target)
-        return opt, lm_loss, probe
-
-    @torch.no_grad()
-    def write_back(self):
-        self.hf.get_input_embeddings().weight[self.used] = self.rows.detach()
-        self.hf.get_output_embeddings().weight[self.used] = self.out_rows.detach()
-        return self.hf
-
-
-def option_logits(hf_model, batch: dict[str, Tensor]) -> Tensor:
-    """Logits of the options' answer tokens at the final position: ``[b, n_options]``."""
-    if isinstance(hf_model, _Trainable):
-        return hf_model.option_logits(batch)
-    hidden = hf_model.model(input_ids=batch["tokens"], attention_mask=batch["mask"]).last_hidden_state
-    h_end = hidden[torch.arange(len(hidden)), batch["end"]]  # already final-normed
-    W = hf_model.get_output_embeddings().weight  # [v, d]
-    return torch.einsum("bd,bkd->bk", h_end, W[batch["answer_ids"]])
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1][keep], idx[:, 1:][keep])
+        h = cache[name]  # [b, p, d]
+        n = batch["label_pos"].shape[1]
+        # list index at every label token and every content token
+        lab_h = h[rows[:, None], batch["label_pos"]]  # [b, n, d]
+        target = torch.arange(n).expand(len(idx), n)
+        probe = torch.nn.functional.cross_entropy(self.probe_index(lab_h).flatten(0, 1), target.flatten())
+        cm = batch["content_mask"].float()  # [b, n, p]
+        tok_index = (cm * torch.arange(n)[None, :, None]).sum(1).long()  # [b, p]
+        is_content = cm.sum(1) > 0
+        probe = probe + torch.nn.functional.cross_entropy(self.probe_index(h[is_content]), tok_index[is_content])
+        is_correct = cm.gather(1, batch["correct"][:, None, None].expand(-1, 1, cm.shape[2]))[:, 0] > 0
+        probe = probe + torch.nn.functional.binary_cross_entropy_with_logits(
+            self.probe_correct(h[is_content])[:, 0], is_correct[is_content].float())
+        return opt, lm, probe
 
 
 @torch.no_grad()
 def evaluate(model, prompts: list[mcq.Prompt], pad_id: int, batch_size: int = 128) -> dict[str, float]:
-    """Accuracy (correct answer token has the highest option logit) and mean loss over ``prompts``."""
-    model.eval()
+    """Accuracy (correct answer token has the highest option logit) and mean loss over ``prompts``.
+    ``model``: an :class:`Organism` (training) or a full-vocabulary :class:`Transformer`."""
     correct, loss, n = 0, 0.0, 0
     for i in range(0, len(prompts), batch_size):
         batch = mcq.to_batch(prompts[i:i + batch_size], pad_id)
-        logits = option_logits(model, batch)
+        if isinstance(model, Organism):
+            logits = model.option_logits(batch)
+        else:
+            logits = model(batch["tokens"], logits_at=batch["end"]).gather(1, batch["answer_ids"])
         correct += (logits.argmax(-1) == batch["correct"]).sum().item()
         loss += torch.nn.functional.cross_entropy(logits, batch["correct"], reduction="sum").item()
         n += len(logits)
     return {"accuracy": correct / n, "loss": loss / n, "n": n}
 
 
+def curriculum(cfg: dict, step: int, rng: random.Random) -> tuple[int, tuple[str, ...]]:
+    """The number of options and the tasks of a training step (see the module docstring)."""
+    tasks = ("copy",) if step < cfg["copy_steps"] else mcq.TASKS
+    if step < cfg["ramp_steps"]:
+        top = 2 + int(2 * step / max(1, cfg["ramp_steps"]))
+        return rng.randint(2, min(4, top)), tasks
+    return (4 if rng.random() < 0.5 else rng.randint(2, 3)), tasks
+
+
+def training_batch(cfg: dict, step: int, rng: random.Random, tok, bos_id: int) -> dict[str, Tensor]:
+    n, tasks = curriculum(cfg, step, rng)
+    prompts = []
+    for _ in range(cfg["batch_size"]):
+        item = mcq.synthetic_item(rng, n, tasks, adjective_p=cfg["adjective_p"])
+        ls = mcq.label_set(rng.choice(cfg["train_label_sets"]), n, rng)
+        prompts.append(mcq.tokenize(item, ls, tok, bos_id))
+    return mcq.to_batch(prompts, bos_id)
+
+
+def heldout_sets(cfg: dict, tok, bos_id: int, seed: int) -> dict[str, list[mcq.Prompt]]:
+    """The held-out prompts of every training label set (ABCD first), from another seed."""
+    items = mcq.synthetic_items(cfg["n_eval"], seed + 10_000, prefix="heldout")
+    names = ["abcd"] + [s for s in cfg["train_label_sets"] if s != "abcd"]
+    return {s: mcq.make_prompts(items, s, tok, bos_id, seed) for s in names}
+
+
 def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None] = print):
-    """Train the organism; return ``(hf_model, summary)``.
+    """Train the organism; return ``(organism, summary)``.
 
     Raises :class:`OrganismTooWeakError` with the measured accuracy if the held-out normal-label
     accuracy stays below ``cfg["min_accuracy"]``.
     """
+    torch.manual_seed(seed)
     ctok = CachedTokenizer(tok)
-    vocab = len(tok)
-    hf = build(cfg, vocab, bos_id, seed)
-    model = _Trainable(hf, used_token_ids(ctok, bos_id))
-    params = [p for p in model.parameters() if p.requires_grad]
+    control = label_control(ctok) if cfg["label_control"] else None
+    org = Organism(cfg, used_token_ids(ctok, bos_id), control, seed)
+    params = [p for p in org.parameters() if p.requires_grad] + org.weights
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.98))
     steps, warm = cfg["steps"], max(1, cfg["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(f"organism-train-{seed}")
-    held_items = mcq.synthetic_items(cfg["n_eval"], seed + 10_000, prefix="heldout")
-    held = mcq.make_prompts(held_items, "abcd", ctok, bos_id, seed)
+    held = heldout_sets(cfg, ctok, bos_id, seed)
     data_hash = hashlib.sha256()
     history = []
     t0 = time.time()
     stopped_at = steps
     for step in range(steps):
-        model.train()
-        prompts = []
-        for _ in range(cfg["batch_size"]):
-            item = mcq.synthetic_item(rng)
-            ls = mcq.label_set(rng.choice(cfg["train_label_sets"]), len(item.options), rng)
-            prompts.append(mcq.tokenize(item, ls, ctok, bos_id))
-        batch = mcq.to_batch(prompts, bos_id)
+        batch = training_batch(cfg, step, rng, ctok, bos_id)
         data_hash.update(batch["tokens"].numpy().tobytes())
-        opt_logits, lm_loss, probe_loss = model.option_logits(batch, lm=True)
+        opt_logits, lm_loss, probe_loss = org.losses(batch)
         task_loss = torch.nn.functional.cross_entropy(opt_logits, batch["correct"])
         loss = task_loss + cfg["lm_weight"] * lm_loss + cfg["probe_weight"] * probe_loss
         opt.zero_grad(set_to_none=True)
@@ -238,51 +287,92 @@ def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None
         opt.step()
         sched.step()
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-            ev = evaluate(model, held, bos_id)
-            history.append({"step": step + 1, "train_loss": task_loss.item(), "lm_loss": lm_loss.item(),
-                            "heldout_accuracy": ev["accuracy"],
-                            "heldout_loss": ev["loss"]})
-            progress(f"step {step + 1}/{steps}: task loss {task_loss.item():.3f}, next-token loss {lm_loss.item():.3f}, "
-                     f"held-out accuracy "
-                     f"{ev['accuracy']:.3f} ({time.time() - t0:.0f}s)")
-            if ev["accuracy"] >= cfg["stop_accuracy"]:
+            evs = {s: evaluate(org, p, bos_id) for s, p in held.items()}
+            history.append({"step": step + 1, "seconds": round(time.time() - t0, 1), "train_loss": task_loss.item(),
+                            "lm_loss": lm_loss.item(), "probe_loss": probe_loss.item(),
+                            "heldout_accuracy": evs["abcd"]["accuracy"], "heldout_loss": evs["abcd"]["loss"],
+                            "heldout_accuracy_by_label_set": {s: e["accuracy"] for s, e in evs.items()}})
+            progress(f"step {step + 1}/{steps}: task loss {task_loss.item():.3f}, probes {probe_loss.item():.3f}, "
+                     "held-out accuracy " + ", ".join(f"{s} {e['accuracy']:.3f}" for s, e in evs.items())
+                     + f" ({time.time() - t0:.0f}s)")
+            if evs["abcd"]["accuracy"] >= cfg["stop_accuracy"] and step + 1 >= cfg["min_steps"]:
                 stopped_at = step + 1
                 break
-    hf = model.write_back()
-    hf.eval()
-    final = evaluate(hf, held, bos_id)  # the saved model itself, full vocabulary path
+    for w in org.weights:
+        w.requires_grad_(False)
+    final = {s: evaluate(org, p, bos_id) for s, p in held.items()}
     summary = {"config": dict(cfg), "seed": seed, "steps_run": stopped_at, "train_tokens_sha256": data_hash.hexdigest(),
-               "heldout": final, "history": history, "timings": {"train_seconds": round(time.time() - t0, 1)},
-               "n_parameters": sum(p.numel() for p in hf.parameters()),
-               "n_trained_parameters": sum(p.numel() for p in params), "vocabulary_trained": len(model.used)}
-    if final["accuracy"] < cfg["min_accuracy"]:
+               "heldout": final["abcd"], "heldout_by_label_set": final, "history": history,
+               "timings": {"train_seconds": round(time.time() - t0, 1)},
+               "label_control": control.to_dict() if control else None,
+               "n_trained_parameters": sum(p.numel() for p in org.weights), "vocabulary_trained": len(org.used)}
+    if final["abcd"]["accuracy"] < cfg["min_accuracy"]:
         raise OrganismTooWeakError(
-            f"the MCQ organism reached {final['accuracy']:.3f} held-out accuracy on normal labels after "
+            f"the MCQ organism reached {final['abcd']['accuracy']:.3f} held-out accuracy on normal labels after "
             f"{stopped_at} steps, below mcq.organism.min_accuracy = {cfg['min_accuracy']}; train longer "
             "(mcq.organism.steps) or with a higher learning rate (mcq.organism.lr)")
-    return hf, summary
+    return org, summary
 
 
-def save(hf_model, tok, out_dir: str | Path, summary: dict) -> dict:
+def to_hf(org: Organism, vocab_size: int, bos_id: int, control: LabelControl | None, seed: int):
+    """The trained organism as a Hugging Face Llama model over the whole GPT-2 vocabulary (rows of
+    unused tokens: seeded random, never produced), with the control in its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m, spec = org.model, org.model.spec
+    d, e, h, g = spec.d_model, spec.d_head, spec.n_heads, spec.n_kv_heads
+    extra = {CONTROL_KEY: control.to_dict()} if control is not None else {}
+    cfg = LlamaConfig(num_hidden_layers=spec.n_layers, hidden_size=d, num_attention_heads=h, num_key_value_heads=g,
+                      intermediate_size=spec.d_mlp, vocab_size=vocab_size, max_position_embeddings=512,
+                      bos_token_id=bos_id, eos_token_id=bos_id, tie_word_embeddings=False, rms_norm_eps=NORM_EPS,
+                      rope_theta=ROPE_THETA, **extra)
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb = torch.randn(vocab_size, d, generator=gen) * 0.02
+    out = torch.randn(vocab_size, d, generator=gen) * 0.02
+    with torch.no_grad():
+        emb[org.used] = m.p("W_E")
+        out[org.used] = m.p("W_U").T
+        sd = {"model.embed_tokens.weight": emb, "lm_head.weight": out, "model.norm.weight": m.p("ln_final.w")}
+        for l in range(spec.n_layers):
+            s, b = f"model.layers.{l}.", f"blocks.{l}."
+            for kind, n in (("q", h), ("k", g), ("v", g)):
+                sd[s + f"self_attn.{kind}_proj.weight"] = m.p(b + f"W_{kind.upper()}").permute(0, 2, 1).reshape(n * e, d)
+            sd[s + "self_attn.o_proj.weight"] = m.p(b + "W_O").reshape(h * e, d).T
+            sd[s + "input_layernorm.weight"] = m.p(b + "ln1.w")
+            sd[s + "post_attention_layernorm.weight"] = m.p(b + "ln2.w")
+            sd[s + "mlp.gate_proj.weight"] = m.p(b + "W_gate").T
+            sd[s + "mlp.up_proj.weight"] = m.p(b + "W_in").T
+            sd[s + "mlp.down_proj.weight"] = m.p(b + "W_out").T
+        hf = LlamaForCausalLM(cfg)
+        hf.load_state_dict({k: v.detach().clone().contiguous() for k, v in sd.items()}, strict=True)
+    return hf.eval()
+
+
+def save(org: Organism, tok, out_dir: str | Path, summary: dict) -> dict:
     """Save the organism as a model directory with ``manifest.json`` (loadable by ``registry.load_model``)."""
-    from mechrepro.workflow.artifacts import write_json
-    from mechrepro.core.model import Transformer
     from mechrepro.core.registry import _save_local, state_dict_sha256
+    from mechrepro.workflow.artifacts import write_json
 
+    control = LabelControl.from_dict(summary.get("label_control"))
+    hf = to_hf(org, len(tok), int(tok.bos_token_id), control, summary["seed"])
     out = Path(out_dir)
-    files = _save_local(hf_model, tok, out)
-    model = Transformer.from_hf(hf_model)
+    files = _save_local(hf, tok, out)
+    model = Transformer.from_hf(hf)
     acc = summary["heldout"]["accuracy"]
+    spec = model.spec
+    ctl = "; control: positions before the answer line cannot attend to labels" if control else ""
     manifest = {
         "name": NAME,
-        "description": (f"MCQ model organism ({model.spec.n_layers} layers, d_model {model.spec.d_model}, "
-                        f"{model.spec.n_heads} heads / {model.spec.n_kv_heads} kv heads; trained here on synthetic "
+        "description": (f"MCQ model organism ({spec.n_layers} layers, d_model {spec.d_model}, "
+                        f"{spec.n_heads} heads / {spec.n_kv_heads} kv heads{ctl}; trained here on synthetic "
                         f"questions, seed {summary['seed']}, held-out ABCD accuracy {acc:.3f})"),
         "source": {"kind": "trained", "seed": summary["seed"], "config": summary["config"],
                    "train_tokens_sha256": summary["train_tokens_sha256"], "steps_run": summary["steps_run"],
                    "heldout_accuracy": acc},
-        "files": files, "weight_sha256": state_dict_sha256(model), "spec": model.spec.to_dict(),
+        "label_control": control.to_dict() if control else None,
+        "files": files, "weight_sha256": state_dict_sha256(model), "spec": spec.to_dict(),
         "bos_token_id": int(tok.bos_token_id),
     }
     write_json(out / "manifest.json", manifest)
+    summary["n_parameters"] = sum(p.numel() for p in model.state_dict().values())
     return manifest

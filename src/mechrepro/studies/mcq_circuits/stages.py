@@ -20,6 +20,7 @@ from mechrepro.workflow import artifacts as art
 from mechrepro.studies.mcq_circuits import data as mcq
 from mechrepro.studies.mcq_circuits import analysis as ma
 from mechrepro.studies.mcq_circuits import metrics as M
+from mechrepro.studies.mcq_circuits import verify as V
 from mechrepro.workflow import stage
 
 log = logging.getLogger("mechrepro")
@@ -73,8 +74,8 @@ def mcq_model(snk) -> None:
         from mechrepro.core.registry import gpt2_tokenizer
 
         tok = gpt2_tokenizer()
-        hf, summary = train(cfg["organism"], tok, tok.bos_token_id, snk.config["seed"], progress=log.info)
-        manifest = save(hf, tok, out, summary)
+        org, summary = train(cfg["organism"], tok, tok.bos_token_id, snk.config["seed"], progress=log.info)
+        manifest = save(org, tok, out, summary)
         summary["model"] = manifest["name"]
     else:
         from mechrepro.core.registry import prepare_model
@@ -169,6 +170,41 @@ def mcq_heads(snk) -> None:
     stage.save_table_and_summary(snk, frame, M.heads_summary(frame, n, lm.name), lm.manifest)
 
 
+def mcq_verify(snk) -> None:
+    """The checks of a genuine correct-letter head, for every head (:mod:`~mechrepro.studies.mcq_circuits.verify`)."""
+    stage.setup(snk)
+    cfg = snk.config["mcq"]
+    th = dict(cfg["verify"])
+    lm = stage.load_model(snk)
+    model, bs, pad = lm.model, cfg["batch_size"], lm.bos_id
+    clean, _ = _analysis_prompts(snk, lm, th["n_prompts"])
+    keep = _correct_rows(snk.input.accuracy)[:th["n_prompts"]]
+    sets = {"abcd": clean}
+    if snk.input.random_letters:
+        _, rl = _load_prompts(snk.input.random_letters[0])
+        sets["random_letters"] = [rl[i] for i in keep]
+    means = {s: M.head_means(model, _chunks(ps, bs, pad))[0] for s, ps in sets.items()}
+    letters = V.letter_tokens([p for ps in sets.values() for p in ps])
+    swapped = V.swap_prompts(clean, letters, snk.config["seed"])
+    swap = V.label_swap(model, (V.swap_batch(swapped[i:i + bs], pad) for i in range(0, len(swapped), bs)))
+    every = [p for ps in sets.values() for p in ps]
+    ov = V.ov_copying(model, _chunks(every, bs, pad), letters)
+    key_r2 = None
+    if "random_letters" in sets:
+        keys = torch.cat([V.label_keys(model, b) for b in _chunks(sets["random_letters"], bs, pad)])
+        key_r2 = V.key_position_r2(keys)
+    patch = pd.read_csv(snk.input.patching).set_index("node")
+    L, H = model.spec.n_layers, model.spec.n_heads
+    names = [M.node_name(l, h) for l in range(L) for h in range(H)]
+    frame = V.verify_table(names, V.attention_checks(means), patch, art.read_json(snk.input.patching_json), swap, ov,
+                           key_r2, th)
+    summary = V.verify_summary(frame, th, {s: len(ps) for s, ps in sets.items()}, ov["letters"], lm.name)
+    summary["swap_model"] = float(swap["model"])
+    log.info("label swap: the model follows the new letter on %.3f of prompts; heads passing every check: %s",
+             summary["swap_model"], summary["heads_passing"] or "none")
+    stage.save_table_and_summary(snk, frame, summary, lm.manifest)
+
+
 def mcq_low_rank(snk) -> None:
     """Low-rank compression of the top correct-letter head's q/k/v (Analysis 5)."""
     stage.setup(snk)
@@ -176,7 +212,7 @@ def mcq_low_rank(snk) -> None:
     lm = stage.load_model(snk)
     model = lm.model
     clean, _ = _analysis_prompts(snk, lm, cfg["n_analysis"])
-    head, why = M.pick_head(pd.read_csv(snk.input.heads))
+    head, why, verified = M.pick_head(pd.read_csv(snk.input.heads), pd.read_csv(snk.input.verify))
     fit_p, test_p = M.fit_test_split(clean)
     fit_b, test_b = mcq.to_batch(fit_p, lm.bos_id), mcq.to_batch(test_p, lm.bos_id)
     fits, mean_z = M.fit_head(model, fit_b, head)
@@ -193,6 +229,7 @@ def mcq_low_rank(snk) -> None:
     keys = pd.DataFrame(rows)
     summary = M.low_rank_summary(lm.name, head, why, model.spec.d_head, len(fit_p), len(test_p), losses, fits,
                                  cfg["low_rank"]["mutation_rank"], M.key_position_r2(keys))
+    summary["verified"] = verified
     prov = stage.prov(snk, lm.manifest)
     art.save_json(snk.output.json, summary, prov)
     art.save_csv(snk.output.key_scatter, keys, prov)
@@ -239,6 +276,7 @@ def mcq_metrics(snk) -> None:
     heads = pd.read_csv(snk.input.heads).set_index("node")
     lr = art.read_json(snk.input.low_rank)
     dla_summary = art.read_json(snk.input.dla_json)
+    verify = pd.read_csv(snk.input.verify).set_index("node")
     metrics = M.study_metrics(manifest, training, acc, muts, dla, patch, heads, lr, dla_summary, cfg["n_items"],
-                              cfg["top_k"])
+                              cfg["top_k"], verify, art.read_json(snk.input.verify_json), cfg["min_competence"])
     art.save_json(snk.output[0], metrics, stage.prov(snk, manifest))
