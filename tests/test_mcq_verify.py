@@ -193,3 +193,32 @@ def test_claims_that_need_a_correct_letter_head_are_null_without_one(kind, lette
     else:
         assert claims.UNTESTABLE not in verdicts.values(), verdicts  # the same numbers decide them
         assert verdicts["C3"] == verdicts["C6"] == verdicts["C7"] == claims.REPRODUCED
+
+
+def test_checks_run_on_every_architecture(models, arch, one_thread):
+    """The checks on tiny random GPT-2, grouped-query Llama and Qwen2 models (the real-model path):
+    shapes, a key/value group's heads share their keys and values, the label swap changes one label."""
+    from conftest import SMALL_VOCAB
+
+    model = models[arch]
+    L, Hm = model.spec.n_layers, model.spec.n_heads
+    base = prompts(6, 1, True)
+    for p in base:  # the tiny vocabulary: keep every id below SMALL_VOCAB
+        assert max(p.tokens) < SMALL_VOCAB and max(p.answer_ids) < SMALL_VOCAB
+    batch = to_batch(base, BOS)
+    vals, keys = V.label_values(model, batch), V.label_keys(model, batch)
+    assert vals.shape == keys.shape == (6, 4, L, Hm, model.spec.d_head)
+    if model.spec.n_kv_heads < Hm:
+        assert torch.equal(keys[:, :, :, 0], keys[:, :, :, 1]) and torch.equal(vals[:, :, :, 0], vals[:, :, :, 1])
+    letters = V.letter_tokens(base)
+    swapped = V.swap_prompts(base, letters, 0)
+    for p, s in zip(base, swapped):
+        changed = [i for i, (a, b) in enumerate(zip(p.tokens, s.tokens)) if a != b]
+        assert changed == [p.label_pos[p.correct]] and s.answer_ids[-1] == p.answer_ids[p.correct]
+        assert s.labels[s.correct] not in p.labels
+    sw = V.label_swap(model, [V.swap_batch(swapped, BOS)])
+    assert sw["heads"].shape == (L, Hm) and 0 <= float(sw["model"]) <= 1
+    ov = V.ov_copying(model, [batch], letters)
+    assert ov["share"].shape == (L, Hm) and set(ov["letters"]) <= set(letters)
+    r2 = V.key_position_r2(keys)
+    assert r2.shape == (L, Hm) and ((r2 >= -1e-6) & (r2 <= 1 + 1e-6)).all()

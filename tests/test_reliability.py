@@ -153,6 +153,8 @@ VALIDATION_CASES = {
     "chunk_beyond_positions": ({"rome.chunk_tokens": 300}, None, ["'rome.chunk_tokens' is 300", "256 positions"]),
     "organism_heads": ({"mcq.organism.n_kv_heads": 3}, None, ["'mcq.organism.n_kv_heads' is 3", "divide n_heads"]),
     "organism_too_big": ({"mcq.organism.d_mlp": 10**9}, None, ["'mcq.organism'", "GB of memory"]),
+    "organism_probe_layer": ({"mcq.organism.probe_layer": 9}, None, ["'mcq.organism.probe_layer' is 9", "2 layers", "below n_layers"]),
+    "verify_share_above_one": ({"mcq.verify.min_correct_share": 1.5}, None, ["mcq.verify.min_correct_share"]),
     "name_read_as_a_boolean": ({}, _yaml_edit("ioi_data.yaml", lambda d: d["names"].append(False)),
                                ["ioi_data.yaml: 'names' has False (bool)", "quote it"]),
     "fact_object_read_as_a_number": ({}, _yaml_edit("facts_data.yaml",

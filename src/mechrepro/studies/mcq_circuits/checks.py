@@ -46,6 +46,9 @@ def check_organism(config: dict) -> None:
     if o["n_kv_heads"] > o["n_heads"] or o["n_heads"] % o["n_kv_heads"]:
         raise ConfigError(f"config key 'mcq.organism.n_kv_heads' is {o['n_kv_heads']}: it must divide n_heads "
                           f"({o['n_heads']}); each key/value head serves a group of query heads. {fix}")
+    if o["probe_layer"] >= o["n_layers"]:
+        raise ConfigError(f"config key 'mcq.organism.probe_layer' is {o['probe_layer']}, but the organism has "
+                          f"{o['n_layers']} layers (0 … {o['n_layers'] - 1}). Fix: choose a layer below n_layers")
     spec = organism_spec(config)
     n_params = spec["vocab_size"] * spec["d_model"] + spec["n_layers"] * (
         2 * spec["d_model"] ** 2 + 2 * spec["d_model"] * spec["n_kv_heads"] * spec["d_head"]
@@ -80,6 +83,8 @@ BOUNDS = [
           memory_cost(_bytes("batch"), "one forward pass over that many prompts")),
     Bound("mcq.max_rows", memory_limit(_bytes("rows")),
           memory_cost(_bytes("rows"), "one patching pass over that many prompt copies")),
+    Bound("mcq.verify.n_prompts", fixed(20_000), work_cost(lambda c, v: v * 6, "forward passes of the "
+                                                          "correct-letter checks")),
     Bound("mcq.top_k", _nodes, lambda c, s, v: f"the model has {_nodes(c, s)} nodes (heads and MLPs) to rank"),
     Bound("mcq.low_rank.ranks", fixed(4096), lambda c, s, v: "ranks are capped at the head size (at most 4096)"),
     Bound("mcq.low_rank.mutation_rank", fixed(4096), lambda c, s, v: "ranks are capped at the head size (at most 4096)"),

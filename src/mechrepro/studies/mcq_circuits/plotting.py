@@ -78,8 +78,21 @@ def accuracy_data(art: Artifacts) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_accuracy(data: pd.DataFrame):
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+def training_curve(art: Artifacts) -> pd.DataFrame:
+    """The organism's training-time / accuracy curve (``organism.json`` history): one row per
+    evaluation and training label set; empty for a pretrained model."""
+    rows = []
+    for h in art.json("organism.json", default={}).get("history", []):
+        by_set = h.get("heldout_accuracy_by_label_set", {"abcd": h["heldout_accuracy"]})
+        rows += [{"step": h["step"], "seconds": h.get("seconds"), "label_set": s, "accuracy": a} for s, a in by_set.items()]
+    return pd.DataFrame(rows, columns=["step", "seconds", "label_set", "accuracy"])
+
+
+def plot_accuracy(data: pd.DataFrame, curve: pd.DataFrame | None = None):
+    with_curve = curve is not None and not curve.empty
+    fig, axes = plt.subplots(1, 3 if with_curve else 2, figsize=(16 if with_curve else 11, 4.2),
+                             gridspec_kw={"width_ratios": [1.4, 1, 1] if with_curve else [1.4, 1]})
+    ax, ax2 = axes[:2]
     x = np.arange(len(data))
     colors = ["#1f77b4" if s else "#ff7f0e" for s in data.seen_in_training]
     bars = ax.bar(x, data.accuracy, color=colors)
@@ -97,6 +110,16 @@ def plot_accuracy(data: pd.DataFrame):
     ax2.set_xticks(x, data.label_set, rotation=30, ha="right", fontsize=8)
     ax2.set_ylabel("loss (cross-entropy over the options)")
     ax2.legend(fontsize=7)
+    if with_curve:
+        x_col = "seconds" if curve.seconds.notna().all() else "step"
+        for s, g in curve.groupby("label_set", sort=False):
+            axes[2].plot(g[x_col], g.accuracy, marker=".", label=LABEL_SET_NAMES.get(s, s))
+        axes[2].axhline(0.25, color="k", ls="--", lw=0.8)
+        axes[2].set_xlabel("seconds of training" if x_col == "seconds" else "training step")
+        axes[2].set_ylabel("held-out accuracy")
+        axes[2].set_ylim(0, 1.05)
+        axes[2].set_title("organism training curve", fontsize=9)
+        axes[2].legend(fontsize=7)
     suptitle(fig, "Accuracy and loss on normal labels and on each label mutation")
     fig.tight_layout()
     return fig
