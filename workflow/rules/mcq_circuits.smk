@@ -6,6 +6,8 @@ MCQ_RESULTS = STUDIES["mcq_circuits"].results
 MCQ_MANIFEST = f"{_mcq_model_dir(config['mcq']['model'])}/manifest.json"
 MCQ_LABEL_SETS = config["mcq"]["label_sets"]
 MCQ_KEY_SETS = [s for s in ("abcd", "random_letters") if s in MCQ_LABEL_SETS]  # keys scatter of the low-rank figure
+# the correct-letter checks need random letters (without them no head can pass)
+MCQ_RANDOM_LETTERS = [f"{MCQ_RESULTS}/data/random_letters.json" for s in MCQ_KEY_SETS if s == "random_letters"]
 
 
 wildcard_constraints:
@@ -160,11 +162,7 @@ rule mcq_verify:
         manifest=MCQ_MANIFEST,
         data=f"{MCQ_RESULTS}/data/abcd.json",
         accuracy=f"{MCQ_RESULTS}/accuracy/abcd.csv",
-        random_letters=[
-            f"{MCQ_RESULTS}/data/random_letters.json"
-            for s in MCQ_LABEL_SETS
-            if s == "random_letters"
-        ],
+        random_letters=MCQ_RANDOM_LETTERS,
         patching=f"{MCQ_RESULTS}/patching.csv",
         patching_json=f"{MCQ_RESULTS}/patching.json",
     output:
