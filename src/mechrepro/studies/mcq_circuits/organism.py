@@ -35,9 +35,10 @@ every ``eval_every`` steps in ``history``, the training-time/accuracy curve):
   position; a next-token loss over every position (``lm_weight``, softmax over the generator's
   vocabulary only); and **training-only probes** (``probe_weight``) on the residual stream after
   layer ``probe_layer``: the **list index** (0 … n−1) of every label token and every content
-  token, and whether each content token belongs to the correct option. There is **no label
-  probe**: nothing teaches a content token its letter. The probes are discarded; they are not
-  part of the saved model.
+  token, whether each content token belongs to the correct option, and (``end_probe``) the
+  correct option's list index at the final position. There is **no label probe**: nothing
+  teaches a content token, or the final position, a letter. The probes are discarded; they are
+  not part of the saved model.
 * ``label_control``: the documented architectural control. When true, no position before the
   answer line attends to a label token (:class:`mechrepro.core.model.LabelControl`), so a label's
   letter exists only at the label and the final line must fetch it from there: step (iii) cannot
@@ -173,6 +174,7 @@ class Organism(torch.nn.Module):
         self.probe_layer = min(cfg["probe_layer"], spec.n_layers - 1)
         self.probe_index = torch.nn.Linear(spec.d_model, 4)
         self.probe_correct = torch.nn.Linear(spec.d_model, 1)
+        self.end_probe = bool(cfg["end_probe"])
 
     def index(self, ids: Tensor) -> Tensor:
         if int(ids.max()) >= len(self.remap) or (self.remap[ids] < 0).any():
@@ -208,6 +210,8 @@ class Organism(torch.nn.Module):
         is_correct = cm.gather(1, batch["correct"][:, None, None].expand(-1, 1, cm.shape[2]))[:, 0] > 0
         probe = probe + torch.nn.functional.binary_cross_entropy_with_logits(
             self.probe_correct(h[is_content])[:, 0], is_correct[is_content].float())
+        if self.end_probe:  # the correct option's list index at the final position (step (ii))
+            probe = probe + torch.nn.functional.cross_entropy(self.probe_index(h[rows, batch["end"]]), batch["correct"])
         return opt, lm, probe
 
 
