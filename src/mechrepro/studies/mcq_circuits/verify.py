@@ -159,16 +159,16 @@ def ov_copying(model: Transformer, batches: Iterable[Batch], letters: dict[str, 
         v = label_values(model, b)  # [b, n, L, h, e]
         lab = b["tokens"].gather(1, b["label_pos"])  # [b, n]
         idx = torch.tensor([label_to_idx.get(int(t), -1) for t in lab.flatten()]).reshape(lab.shape)
-        out = torch.einsum("bnlhe,lhed->bnlhd", v, W_O)
         if sums is None:
-            sums = torch.zeros(len(names), *out.shape[2:])
+            sums = torch.zeros(len(names), *v.shape[2:])
         for i in range(len(names)):
             sel = idx == i
             if sel.any():
-                sums[i] += out[sel].sum(0)
+                sums[i] += v[sel].sum(0)
                 counts[i] += sel.sum()
     seen = counts > 0
-    mean = sums[seen] / counts[seen][:, None, None, None]  # [letters, L, h, d]
+    # the mean value per letter through W_O (linear: the mean of the outputs)
+    mean = torch.einsum("xlhe,lhed->xlhd", sums[seen] / counts[seen][:, None, None, None], W_O)
     normed = ma._through_norm(model, mean, torch.ones(len(mean)))
     logits = torch.einsum("xlhd,dy->xlhy", normed, model.W_U[:, answer[seen]])  # [letters, L, h, letters]
     top = logits.argmax(-1)
