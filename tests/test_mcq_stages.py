@@ -70,7 +70,7 @@ def test_organism_trains_saves_and_loads_like_any_model(tmp_path, tokenizer, one
 
 def test_organism_below_the_gate_fails_with_the_measured_accuracy(tokenizer, one_thread):
     cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
-    cfg.update(steps=2, eval_every=2, n_eval=8, min_accuracy=0.99)
+    cfg.update(steps=2, eval_every=2, n_eval=8, min_accuracy=0.99, label_control=False)  # the default, no control
     with pytest.raises(organism.OrganismTooWeakError, match=r"reached 0\.\d+ held-out accuracy .*min_accuracy = 0\.99"):
         organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
 

@@ -43,9 +43,9 @@ every ``eval_every`` steps in ``history``, the training-time/accuracy curve):
   answer line attends to a label token (:class:`mechrepro.core.model.LabelControl`), so a label's
   letter exists only at the label and the final line must fetch it from there: step (iii) cannot
   be skipped. The control is part of the model (saved in ``config.json``, applied by the
-  analysis model too). It is on by default although it has not been shown that training alone
-  fails: the exploratory runs with and without it were all still at chance when stopped (200
-  steps; ``docs/results.md``), so the comparison is open.
+  analysis model too). It is off by default: the issue asks for it only if training alone forms
+  no correct-letter head, and that has not been shown (the exploratory runs with and without it
+  were all still at chance when stopped, 200 steps; ``docs/results.md``).
 * Only the embedding / unembedding rows of the tokens the generator uses are trained (embedding
   and unembedding untied; the trained input rows start at unit scale, ``embed_std``). The rest of
   the GPT-2 vocabulary keeps a seeded random initialisation and is never produced.
