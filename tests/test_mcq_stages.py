@@ -5,6 +5,7 @@ hub model cannot be reached."""
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,19 @@ def test_organism_trains_saves_and_loads_like_any_model(tmp_path, tokenizer, one
     org2, summary2 = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
     assert summary2["train_tokens_sha256"] == summary["train_tokens_sha256"]
     assert all(torch.equal(a, b) for a, b in zip(org.model.state_dict().values(), org2.model.state_dict().values()))
+
+
+def test_correctness_probe_reads_each_options_word_not_its_adjective(tokenizer):
+    # an adjective comes before its option's word, so under causal attention it cannot know
+    # whether its option is correct: the probe reads the last content token of each option only
+    item = mcq.MCQItem("Which option says dog?", ["big cat", "dog", "old horse"], 1, task="copy")
+    p = mcq.tokenize(item, mcq.label_set("abcd", 3, random.Random(0)), tokenizer,
+                     tokenizer.bos_token_id)
+    assert [len(c) for c in p.content_pos] == [2, 1, 2]
+    last, target = organism.correctness_targets(mcq.to_batch([p], tokenizer.bos_token_id))
+    assert last.tolist() == [[c[-1] for c in p.content_pos]]
+    assert [tokenizer.decode([p.tokens[i]]) for i in last[0].tolist()] == [" cat", " dog", " horse"]
+    assert target.tolist() == [[False, True, False]]
 
 
 def test_organism_below_the_gate_fails_with_the_measured_accuracy(tokenizer, one_thread):

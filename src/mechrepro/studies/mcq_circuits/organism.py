@@ -19,8 +19,32 @@ A model whose content tokens read their own label (the label comes just before i
 skip (iii): the final position then gathers the letter from the correct content ("content
 gatherer", what the earlier 2-layer organism with a label probe learned).
 
-Training (seeded; a few minutes on 2 CPU cores; the time and the held-out accuracies are recorded
-every ``eval_every`` steps in ``history``, the training-time/accuracy curve):
+Training (seeded; the time and the held-out accuracies are recorded every ``eval_every`` steps in
+``history``, the training-time/accuracy curve).
+
+**Status: no validated recipe.** Every configuration tried for issue 15 (the default; constant
+lr 0.002 / 0.003; input-embedding init 0.02; other weights at init 0.0625; probes after layer 2;
+category-only, copy-only, 2-option, ABCD-only streams; with and without the auxiliary losses)
+stayed at chance for as long as it ran (80-500 steps, 800+ in earlier runs): task loss ln n,
+held-out ABCD accuracy 0.25. The probes show where it sticks: the list-index probes reach ~0
+loss within 20-30 steps, but the correctness probe (step (i) below) and the end probe (step
+(ii)) stay at their base rates. It is a plateau, not a wall: in the one long run (the default
+with a constant lr 0.002 after warm-up) the correctness probe left its base rate at about step
+1,200, the end probe followed, and held-out accuracy went from chance at step 1,500 to 0.92 on
+ABCD and 0.92 on numbers at step 1,750 (0.97 / 0.97 at step 2,000) but stayed at 0.25-0.26 on
+random letters: the model maps the
+correct option's list index to a fixed answer (index 0 -> " A" / " 1") instead of copying the
+label, so that is not yet a correct-letter head. At ~0.45 s/step on one free core the plateau
+alone takes ~9 minutes. Part of the reason, for copy and fact questions: a word
+and its duplicate in the question have the same layer-0 value (values carry no position under
+rotary embeddings), so one attention layer cannot tell "my word is in the question" from "I am
+my word"; the match needs two composed steps. Category questions, which one layer could match
+in principle, did not learn in 130 steps either (2 options, ABCD only). The task shows the long
+plateau at ln n typical of composed attention steps (the earlier 2-layer organism without its
+label probe stayed at chance for 2,000 steps). The loop itself is sound: the model overfits a
+fixed batch (loss 1.2 → 0.0006 in 50 Adam steps).
+
+Training details:
 
 * Fresh items every step from a seeded stream. Each item's label set is drawn from
   ``train_label_sets`` (default ``abcd``, ``random_letters``, ``numbers``: label sets a pretrained
@@ -35,17 +59,18 @@ every ``eval_every`` steps in ``history``, the training-time/accuracy curve):
   position; a next-token loss over every position (``lm_weight``, softmax over the generator's
   vocabulary only); and **training-only probes** (``probe_weight``) on the residual stream after
   layer ``probe_layer``: the **list index** (0 … n−1) of every label token and every content
-  token, whether each content token belongs to the correct option, and (``end_probe``) the
-  correct option's list index at the final position. There is **no label probe**: nothing
-  teaches a content token, or the final position, a letter. The probes are discarded; they are
+  token, whether each option's last content token (its word; an adjective before it cannot know)
+  belongs to the correct option, and (``end_probe``) the correct option's list index at the
+  final position. There is **no label probe**: nothing teaches a content token, or the final
+  position, a letter. The probes are discarded; they are
   not part of the saved model.
 * ``label_control``: the documented architectural control. When true, no position before the
   answer line attends to a label token (:class:`mechrepro.core.model.LabelControl`), so a label's
   letter exists only at the label and the final line must fetch it from there: step (iii) cannot
   be skipped. The control is part of the model (saved in ``config.json``, applied by the
   analysis model too). It is off by default: the issue asks for it only if training alone forms
-  no correct-letter head, and that has not been shown (the exploratory runs with and without it
-  were all still at chance when stopped, 200 steps; ``docs/results.md``).
+  no correct-letter head, and that has not been shown: no recipe tried so far trains the
+  organism off chance at all, with or without it (below).
 * Only the embedding / unembedding rows of the tokens the generator uses are trained (embedding
   and unembedding untied; the trained input rows start at unit scale, ``embed_std``). The rest of
   the GPT-2 vocabulary keeps a seeded random initialisation and is never produced.
@@ -208,12 +233,26 @@ class Organism(torch.nn.Module):
         tok_index = (cm * torch.arange(n)[None, :, None]).sum(1).long()  # [b, p]
         is_content = cm.sum(1) > 0
         probe = probe + torch.nn.functional.cross_entropy(self.probe_index(h[is_content]), tok_index[is_content])
-        is_correct = cm.gather(1, batch["correct"][:, None, None].expand(-1, 1, cm.shape[2]))[:, 0] > 0
+        last, is_correct = correctness_targets(batch)  # [b, n] each
         probe = probe + torch.nn.functional.binary_cross_entropy_with_logits(
-            self.probe_correct(h[is_content])[:, 0], is_correct[is_content].float())
+            self.probe_correct(h[rows[:, None], last])[..., 0], is_correct.float())
         if self.end_probe:  # the correct option's list index at the final position (step (ii))
             probe = probe + torch.nn.functional.cross_entropy(self.probe_index(h[rows, batch["end"]]), batch["correct"])
         return opt, lm, probe
+
+
+def correctness_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Where the correctness probe reads and what it should say: each option's *last* content token
+    ``[b, n]`` and whether that option is the correct one ``[b, n]``.
+
+    Only the last token: the option's word comes last (an adjective precedes it), and whether an
+    option is correct is decided by its word, so an adjective cannot know it under causal
+    attention (a target it cannot meet is noise in the probe loss).
+    """
+    cm = batch["content_mask"]  # [b, n, p]
+    last = (cm * torch.arange(1, cm.shape[2] + 1)).argmax(-1)  # the last position with a 1
+    n = cm.shape[1]
+    return last, torch.arange(n)[None, :] == batch["correct"][:, None]
 
 
 @torch.no_grad()
