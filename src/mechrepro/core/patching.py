@@ -100,6 +100,26 @@ def template_means(z: Tensor, template: Tensor) -> dict[int, Tensor]:
     return {int(t): z[template == t].mean(0) for t in template.unique()}
 
 
+@torch.no_grad()
+def template_means_batched(model: Transformer, tokens: Tensor, template: Tensor, batch_size: int = 64
+                           ) -> dict[int, Tensor]:
+    """:func:`template_means` of every head's ``z`` over ``tokens [n, p]`` without holding all of them:
+    per-template sums accumulated batch by batch (memory: one batch, not ``n`` prompts)."""
+    names = z_names(model)
+    sums: dict[int, Tensor] = {}
+    counts: dict[int, int] = {}
+    for sl in batched(len(tokens), batch_size):
+        cache: dict[str, Tensor] = {}
+        model(tokens[sl], cache=cache, cache_names=names, stop_layer=model.spec.n_layers)
+        z = stack_z(model, cache)
+        for t in template[sl].unique().tolist():
+            sel = template[sl] == t
+            part = z[sel].sum(0)
+            sums[t] = part if t not in sums else sums[t] + part
+            counts[t] = counts.get(t, 0) + int(sel.sum())
+    return {t: sums[t] / counts[t] for t in sorted(sums)}
+
+
 def ablation_hooks(model: Transformer, keep: Tensor, means: dict[int, Tensor], template: Tensor,
                    ) -> dict[str, Callable]:
     """Hooks that mean-ablate every (prompt, position, layer, head) where ``keep`` is False.
