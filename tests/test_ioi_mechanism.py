@@ -69,7 +69,6 @@ def test_mechanism_test_equals_naive_ablation(setup, tokenizer):
     circuit = {"classes": {"duplicate_token": [[0, 1]], "induction": [[1, 2]], "previous_token": [[0, 3]]}}
     summary, runs = A.mechanism_test(model, batch, circuit, means, "triple_io", base_ld=3.0, n_controls=3, seed=0,
                                      batch_size=5, progress=lambda s: None)
-    rows = torch.arange(len(batch))
 
     def naive(ablate):  # ablate: [(layer, head, role)]
         def make(layer):
