@@ -114,3 +114,11 @@ def test_ratios():
     r = A.ratios(evals)
     assert r["double_io"] == {"model_ld_ratio": 0.5, "faithfulness_ratio": 1.5}
     assert r["base"] == {"model_ld_ratio": 1.0, "faithfulness_ratio": 1.0}
+
+
+def test_too_few_ablation_prompts_are_refused():
+    from conftest import ROOT
+    from mechrepro.workflow import config as Cfg
+
+    with pytest.raises(Cfg.ConfigError, match=r"ablation.n_prompts is 10: .* at least 30"):
+        Cfg.load(ROOT / "config" / "smoke.yaml", {"ablation.n_prompts": 10})

@@ -121,9 +121,18 @@ def check_config(config: dict, root: str) -> None:
 
     from mechrepro.studies.ioi_generalization.checks import check_counts, check_single_token_names, load_ioi_data
 
+    from mechrepro.workflow.config import ConfigError
+
     data_path = Path(root) / config["ioi"]["data_file"]
-    check_single_token_names(load_ioi_data(data_path), data_path, config, root)
+    data = load_ioi_data(data_path)
+    check_single_token_names(data, data_path, config, root)
     check_counts(config, root)
+    need = 2 * len(data["templates"])
+    if config["ablation"]["n_prompts"] < need:
+        raise ConfigError(f"ablation.n_prompts is {config['ablation']['n_prompts']}: the means are taken per template, "
+                          f"and {data_path} has {len(data['templates'])} templates (prompt i uses template i // 2), so "
+                          f"at least {need} ABC prompts are needed for every template to have a mean; set "
+                          f"ablation.n_prompts to {need} or more")
 
 
 STUDY = Study(
