@@ -13,6 +13,7 @@ import torch
 from mechrepro.studies.subspace_illusion import facts as F
 from mechrepro.studies.subspace_illusion import rome as R
 from mechrepro.core import subspace as S
+from mechrepro.studies.subspace_illusion.metrics import ROME_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,35 +213,118 @@ def test_learn_pair_directions_rows_are_independent(models):
     torch.testing.assert_close(V1[0], V[0], atol=1e-5, rtol=1e-4)
 
 
-def test_rome_edit_changes_the_target_fact(models):
+class _Words:
+    """A word-level tokenizer for tiny models: each word (and ".") is one id below 101, BOS 0."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.setdefault(w, 1 + len(self.ids) % 100) for w in text.replace(".", " . ").split()]
+
+    def decode(self, ids: list[int]) -> str:
+        names = {v: k for k, v in self.ids.items()}
+        return " ".join(names.get(i, f"t{i}") for i in ids)
+
+
+def _word_facts(words: _Words) -> list[dict]:
+    """Facts whose subject is the prompt's last word (a random tiny model barely moves information
+    between positions, so the edit must act at the position read)."""
+    rels = {"r0": {"prompt": "alpha beta {}", "facts": {f"s{i}": f"o{i}" for i in range(4)}},
+            "r1": {"prompt": "gamma {}", "facts": {f"u{i}": f"p{i}" for i in range(4)}}}
+    facts = F.build_facts(rels, words.encode, 0)
+    for f in facts:
+        f["correct"] = True
+    return facts
+
+
+def _setup(m, layer, words, method, contexts=("delta epsilon", "zeta eta theta"), **kw):
+    hp = R.ValueParams(method=method, **({"steps": 20, "lr": 0.5, "early_stop": 0.0} | kw))
+    return F.RomeSetup(m, layer, _sigma(m, layer), 1e-3, hp, list(contexts), words.encode, 0)
+
+
+def test_rome_prompts_with_the_gpt2_tokenizer(tokenizer):
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rels = {"capital": {"prompt": "The capital city of {} is", "facts": {"South Korea": "Seoul"}}}
+    fact = F.build_facts(rels, enc, 50256)[0]
+    tokens, subj, read, n = F.rome_prompts(fact, ["I like tea", "Once upon a time"], enc, 50256)
+    assert n == 3 and len(tokens) == 4  # bare + 2 contexts, then "South Korea is a"
+    assert tokens[0, :fact["end_pos"] + 1].tolist() == fact["tokens"]
+    assert (subj[0], read[0]) == (fact["subject_pos"], fact["end_pos"])
+    assert tokens[1, 1:read[1] + 1].tolist() == enc("I like tea. The capital city of South Korea is")
+    for i in range(4):
+        assert tokens[i, 0] == 50256 and tokenizer.decode(tokens[i, subj[i]]) == " Korea"
+    assert tokenizer.decode(tokens[1:3, :].gather(1, read[1:3, None]).flatten()) == " is is"
+    assert read[3] == subj[3] and tokenizer.decode(tokens[3, 1:5]) == "South Korea is a"
+    tokens, subj, read, n = F.rome_prompts(fact, [], enc, 50256, essence=())
+    assert n == 1 and tokens.tolist() == [fact["tokens"]]
+
+
+def test_rome_layer_edits_and_diagnostics(models):
     m = models["gpt2"]
-    facts = _tiny_facts()
-    for f in facts:  # a random tiny model barely moves information between positions: edit at the last token
-        f["subject_pos"] = f["end_pos"]
+    words = _Words()
+    facts = _word_facts(words)
     pairs = F.make_pairs(facts, 3, seed=0)
     layer = 1
-    C = _sigma(m, layer)
-    frame, summary = F.rome_layer(m, layer, facts, pairs, C, ridge=1e-3,
-                                  value_kwargs={"steps": 40, "lr": 0.5, "weight_decay": 0.01, "clamp": 10.0})
-    assert summary["n_pairs"] == 3
-    # ROME raises the new object's probability a lot on every edited fact
-    assert (frame.p_new_rome > frame.p_new_before).all()
-    assert summary["rome"] > 0.5
-    for col in ("rome", "derived_subspace", "row_only"):
+    setup = _setup(m, layer, words, "rome")
+    frame, summary = F.rome_layer(setup, facts, pairs)
+    assert summary["n_pairs"] == 3 and summary["method"] == "rome"
+    assert (frame.p_new_rome > frame.p_new_before).all() and summary["rome"] > 0.5
+    assert (frame.n_contexts == 2).all() and (frame.steps <= 19).all()
+    assert ((frame.delta_rel <= 4.0 + 1e-5) & (frame.clamped == (frame.delta_rel > 4.0 - 1e-4))).all()
+    for col in ("rome", "derived_subspace", "row_only", "rome_delta_only"):
         assert (frame[col] <= 1.0 + 1e-9).all()
-    # and makes it the top-1 answer on the first edit
-    base, src = facts[pairs[0]["base"]], facts[pairs[0]["src"]]
-    tok = torch.tensor([base["tokens"]])
-    subj, end = torch.tensor([base["subject_pos"]]), torch.tensor([base["end_pos"]])
-    u, w, k = F.rome_rank1(m, layer, tok, subj, end, src["object_id"], C, ridge=1e-3, steps=40, lr=0.5,
-                           weight_decay=0.01, clamp=10.0)
-    with torch.no_grad():
-        before = int(m(tok, logits_at=end).argmax())
-        with R.edited(m, layer, m.p(f"blocks.{layer}.W_out") + torch.outer(u, w)):
-            after = int(m(tok, logits_at=end).argmax())
-    assert before != src["object_id"] and after == src["object_id"]
-    # the edit stores k* -> v* (the value change is delta at the edited key)
-    torch.testing.assert_close(k @ torch.outer(u, w), w, atol=1e-4, rtol=1e-4)
+    assert set(F.rome_summary(frame, layer, "rome")) >= set(ROME_KEYS)
+    json.dumps(summary, allow_nan=False)  # JSON-safe
+    checked = 0
+    for i, pair in enumerate(pairs):
+        checked += _check_rome_row(m, layer, setup, words, frame.iloc[i], facts[pair["base"]], facts[pair["src"]])
+    assert checked >= 1  # at least one edit whose clean model prefers the old object (a real alpha scan)
+
+
+def _check_rome_row(m, layer, setup, words, row, base, src) -> bool:
+    """The diagnostics of one edit, recomputed independently with full hooked forward passes."""
+    tok, subj, end = torch.tensor([base["tokens"]]), torch.tensor([base["subject_pos"]]), torch.tensor([base["end_pos"]])
+    tokens, s, read, n = F.rome_prompts(base, setup.contexts, words.encode, 0)
+    run = R.SubjectRun(m, layer, tokens, s, read)
+    res = R.compute_value(run, n, src["object_id"], setup.params)
+    assert row.delta_norm == pytest.approx(float(res.delta.norm()))
+
+    def hooked(delta):
+        with torch.no_grad():
+            return m(tok, hooks={f"blocks.{layer}.hook_mlp_out": lambda x: x.index_put(
+                (torch.tensor([0]), subj), x[0, subj] + delta)}, logits_at=end)[0]
+
+    new, old = src["object_id"], base["object_id"]
+    p0 = float(hooked(0 * res.delta).softmax(-1)[new])
+    p1 = float(hooked(res.delta).softmax(-1)[new])
+    assert row.rome_delta_only == pytest.approx(float(R.rewrite_score(p0, p1)), abs=1e-5)
+    # spill: |kᵀu| at the other positions of the prompt (the subject's own is 1)
+    u = R.rome_left(setup.C, run.keys[:n].mean(0), F.key_at(m, layer, tok, subj)[0], setup.ridge)
+    coef = R.collect_keys(m, [layer], [tok])[layer] @ u
+    assert coef[base["subject_pos"]] == pytest.approx(1.0, abs=1e-4)
+    assert row.spill_max == pytest.approx(float(coef[:base["subject_pos"]].abs().max()), rel=1e-4)
+    clean = hooked(0 * res.delta)
+    if clean[new] >= clean[old] or math.isnan(row.alpha_min_rel):
+        return False
+    a, unit = row.alpha_min_rel * float(res.delta.norm()), res.delta / res.delta.norm()
+    assert hooked(a * 1.001 * unit)[new] > hooked(a * 1.001 * unit)[old]
+    assert hooked(a * 0.99 * unit)[new] <= hooked(a * 0.99 * unit)[old]
+    return True
+
+
+def test_rome_layer_simplified_method(models):
+    m = models["llama"]
+    words = _Words()
+    facts = _word_facts(words)
+    pairs = F.make_pairs(facts, 2, seed=0)
+    frame, summary = F.rome_layer(_setup(m, 1, words, "simplified", steps=12, weight_decay=0.01, clamp=10.0),
+                                  facts, pairs)
+    assert summary["method"] == "simplified" and (frame.n_contexts == 0).all()
+    assert (frame.steps == 12).all() and not frame.stopped_early.any() and (frame.loss_kl == 0).all()
+    assert (frame.p_new_rome > frame.p_new_before).all()
+    with pytest.raises(ValueError, match="rome.method"):
+        R.ValueParams(method="sgd")
 
 
 def test_pearson():

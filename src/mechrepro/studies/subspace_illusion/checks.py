@@ -123,6 +123,15 @@ def _fact_bytes(c: dict, s: dict, v: int) -> float:
     return activation_bytes(s, v, FACT_TOKENS, dtype_bytes(c), backward=True)
 
 
+def _rome_rows(c: dict) -> int:
+    """Prompts per step of ROME's value optimisation: the bare prompt, the contexts and the essence prompt."""
+    r = c["rome"]
+    if r["method"] != "rome":
+        return 1
+    n = len(r["contexts"]) if isinstance(r["contexts"], list) else sum(n for _, n in r["context_lengths"])
+    return n + 2
+
+
 BOUNDS = [
     Bound("subspace_ioi.n_train", fixed(10_000), work_cost(lambda c, v: v * c["subspace_ioi"]["epochs"],
                                                            "forward and backward passes of DAS")),
@@ -138,10 +147,10 @@ BOUNDS = [
     Bound("facts.steps", fixed(10_000), work_cost(
         lambda c, v: v * c["facts"]["n_pairs"] * len(c["facts"]["lrs"]) * len(c["facts"]["layers"]),
         "forward and backward passes in the fact sweep")),
-    Bound("rome.n_pairs", fixed(1_000), work_cost(lambda c, v: v * c["rome"]["steps"] * len(c["facts"]["layers"]),
-                                                  "forward and backward passes of ROME's value optimisation")),
-    Bound("rome.steps", fixed(10_000), work_cost(lambda c, v: v * c["rome"]["n_pairs"] * len(c["facts"]["layers"]),
-                                                 "forward and backward passes of ROME's value optimisation")),
+    Bound("rome.n_pairs", fixed(1_000), work_cost(lambda c, v: v * c["rome"]["steps"] * len(c["facts"]["layers"])
+                                                  * _rome_rows(c), "prompt runs of ROME's value optimisation")),
+    Bound("rome.steps", fixed(10_000), work_cost(lambda c, v: v * c["rome"]["n_pairs"] * len(c["facts"]["layers"])
+                                                 * _rome_rows(c), "prompt runs of ROME's value optimisation")),
     Bound("rome.chunk_tokens", _positions, _chunk_cost),
 ]
 

@@ -524,13 +524,41 @@ def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[d
 
 
 # ------------------------------------------------------------------ ROME and its subspace intervention
-def rome_rank1(model: Transformer, layer: int, tokens: Tensor, subject_pos: Tensor, end_pos: Tensor, target_id: int,
-               C: Tensor | None, *, ridge: float, **value_kwargs) -> tuple[Tensor, Tensor, Tensor]:
-    """ROME's edit as ``(u, w, k*)``: ``W' = W + u ⊗ w`` (see :func:`mechrepro.studies.subspace_illusion.rome.rome_edit`)."""
-    delta = R.optimize_value(model, layer, tokens, subject_pos, end_pos, target_id, **value_kwargs)
-    k = key_at(model, layer, tokens, subject_pos).mean(0)
-    Ck = k if C is None else R._solve(C, k, ridge)
-    return Ck / (k @ Ck), delta, k
+ESSENCE_PROMPTS = ("{} is a",)  # ROME's KL ("essence drift") prompts
+
+
+def rome_prompts(fact: dict, contexts: Sequence[str], encode: Encode, bos_id: int,
+                 essence: Sequence[str] = ESSENCE_PROMPTS) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The prompts of ROME's value step for ``fact``: ``(tokens [n + m, p], subject [n + m], read [n + m], n)``.
+
+    ``n`` rewriting rows: the bare fact prompt (row 0), then ``context + ". " + prompt`` for each
+    context (ROME's templates ``"{}"`` and ``x + ". {}"``), read at their last token; then the
+    essence rows (``"{subject} is a"``), read at the subject's last token (where ROME's code
+    reads them). BOS first; right-padded with 0. The subject's last token is found as in
+    :func:`build_facts`; a context after which the subject's tokens are not a prefix of the
+    prompt's tokens (BPE merged across the boundary) is left out.
+    """
+    at = fact["prompt"].find(fact["subject"])
+    if at < 0:
+        raise ValueError(f"fact {fact['prompt']!r} does not contain its subject {fact['subject']!r}")
+    head_text = fact["prompt"][:at + len(fact["subject"])]
+    rows = [(fact["tokens"], fact["subject_pos"], fact["end_pos"])]
+
+    def add(text: str, head: str, read_subject: bool) -> None:
+        ids, h = encode(text), encode(head)
+        if h and ids[:len(h)] == h:
+            rows.append(([bos_id, *ids], len(h), len(h) if read_subject else len(ids)))
+
+    for ctx in contexts:
+        add(f"{ctx}. {fact['prompt']}", f"{ctx}. {head_text}", False)
+    n = len(rows)
+    for template in essence:
+        add(template.replace("{}", fact["subject"]), template.split("{}")[0] + fact["subject"], True)
+
+    def t(i: int) -> Tensor:
+        return torch.tensor([r[i] for r in rows], dtype=torch.long)
+
+    return pad([r[0] for r in rows], 0), t(1), t(2), n
 
 
 @torch.no_grad()
@@ -538,56 +566,119 @@ def _p_new(logits: Tensor, target_id: int) -> float:
     return float(logits.float().softmax(-1)[0, target_id])
 
 
-def rome_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[dict], C: Tensor | None, *,
-               ridge: float, value_kwargs: dict, log: Log = _nolog) -> tuple[pd.DataFrame, dict]:
-    """Rewrite scores of ROME, of its equivalent subspace intervention, and of that intervention's
-    row-space part, for each pair (the base fact rewritten to the source's object).
+def _rewrites(run: R.SubjectRun, direction: Tensor, new: int, old: int) -> Callable[[Tensor], Tensor]:
+    """``alphas -> bool``: whether ``α · direction`` at the bare prompt's subject makes ``new`` beat ``old``."""
+    def fn(alphas: Tensor) -> Tensor:
+        with torch.no_grad():
+            logits = run(alphas.to(direction)[:, None] * direction, torch.zeros(len(alphas), dtype=torch.long))
+        return logits[:, new] > logits[:, old]
+    return fn
 
-    The derived intervention patches, at the base's subject token, along the direction ``v`` of
-    :func:`mechrepro.studies.subspace_illusion.rome.rank1_edit_to_subspace` from the source's key; ``exact`` says whether
-    a 1-D patch from that source can reproduce the edit's MLP-output change at ``k*`` (else ``v``
-    is the best one). Summary: mean ``rome``, ``derived_subspace``, ``row_only`` rewrite scores,
-    ``pearson`` (ROME vs derived over the pairs; None when either is constant), ``exact_frac``.
-    """
-    Q = S.mlp_rowspace(model, layer)
+
+@dataclass
+class RomeSetup:
+    """What every edit of one layer shares."""
+
+    model: Transformer
+    layer: int
+    C: Tensor | None
+    ridge: float
+    params: R.ValueParams
+    contexts: Sequence[str]
+    encode: Encode
+    bos_id: int
+
+
+def rome_pair(s: RomeSetup, base: dict, src: dict, Q: Tensor) -> dict:
+    """One ROME edit (``base``'s fact rewritten to ``src``'s object) and its diagnostics (see :func:`rome_layer`)."""
+    model, layer = s.model, s.layer
+    rome = s.params.method == "rome"
+    tokens, subj, read, n = rome_prompts(base, s.contexts if rome else (), s.encode, s.bos_id,
+                                         ESSENCE_PROMPTS if rome else ())
+    run = R.SubjectRun(model, layer, tokens, subj, read)
+    new, old = src["object_id"], base["object_id"]
+    res = R.compute_value(run, n, new, s.params)
+    k_bare, w = run.keys[0], res.delta
+    u = R.rome_left(s.C, run.keys[:n].mean(0), k_bare, s.ridge)
     W = model.p(f"blocks.{layer}.W_out")
+    k_src = key_at(model, layer, torch.tensor([src["tokens"]]), torch.tensor([src["subject_pos"]]))[0]
+    tok, end = tokens[:1, :base["end_pos"] + 1], read[:1]
+    with torch.no_grad():
+        p = {"before": _p_new(model(tok, logits_at=end), new)}
+        with R.edited(model, layer, W + torch.outer(u, w)):
+            p["rome"] = _p_new(model(tok, logits_at=end), new)
+        conv = R.rank1_edit_to_subspace(W, u, w, k_bare, k_src, Q)
+        fwd = S.mlp_post_forward(model, layer, tok, subj[:1], end)
+        zero = torch.zeros(1, dtype=torch.long)
+        p["derived"] = _p_new(fwd(S.subspace_patch(k_bare, k_src, conv.v)[None], zero), new)
+        p["row"] = _p_new(fwd(S.subspace_patch(k_bare, k_src, R.rowspace_component(conv.v, Q))[None], zero), new)
+        p["delta_only"] = _p_new(run(w, zero), new)
+        coef = R.collect_keys(model, [layer], [tok])[layer] @ u
+    spill = torch.cat([coef[:base["subject_pos"]], coef[base["subject_pos"] + 1:]]).abs()
+    w_norm = float(w.norm())
+    alpha = R.smallest_scale(_rewrites(run, w / w_norm, new, old), 2 * w_norm) if w_norm > 0 else math.nan
+    return {"p_new_before": p["before"], "p_new_rome": p["rome"], "p_new_derived": p["derived"],
+            "p_new_row": p["row"], "p_new_delta_only": p["delta_only"],
+            **{k: float(R.rewrite_score(p["before"], p[v])) for k, v in
+               (("rome", "rome"), ("derived_subspace", "derived"), ("row_only", "row"), ("rome_delta_only", "delta_only"))},
+            "exact": conv.exact, "achieved": conv.achieved, "theta": conv.theta,
+            "delta_norm": w_norm, "v0_norm": res.v0_norm, "delta_rel": w_norm / res.v0_norm,
+            "clamped": res.clamped, "clamp_steps": res.clamp_steps, "steps": res.steps, "stopped_early": res.stopped_early,
+            "loss_nll": res.nll, "loss_kl": res.kl, "loss_wd": res.wd, "n_contexts": n - 1,
+            "alpha_min_rel": alpha / w_norm if w_norm > 0 else math.nan,
+            "spill_max": float(spill.max()) if len(spill) else 0.0, **R.edit_geometry(W, conv, s.C)}
+
+
+def rome_layer(setup: RomeSetup, facts: list[dict], pairs: list[dict], log: Log = _nolog) -> tuple[pd.DataFrame, dict]:
+    """Rewrite scores of ROME, of its equivalent subspace intervention and of that intervention's
+    row-space part, with diagnostics, for each pair (the base fact rewritten to the source's object).
+
+    ROME: ``δ`` from :func:`mechrepro.studies.subspace_illusion.rome.compute_value` (``setup.params``,
+    over :func:`rome_prompts`), ``u = C⁻¹k* / (k_bareᵀC⁻¹k*)`` (``k*`` the mean key over the
+    contexts), ``W' = W + u ⊗ δ``. The derived intervention patches, at the base's subject token, along
+    the direction ``v`` of :func:`mechrepro.studies.subspace_illusion.rome.rank1_edit_to_subspace`
+    from the source's key; ``exact`` says whether a 1-D patch from that source can reproduce the
+    edit's output change at the bare prompt's key (else ``v`` is the best one). Per edit also:
+    ``rome_delta_only`` (rewrite score of ``δ`` added at the subject token alone, without the
+    weight edit's changes at the other tokens), ``spill_max`` (largest ``|kᵀu|`` at another token
+    of the prompt: the share of ``δ`` the weight edit adds there), ``alpha_min_rel`` (the smallest
+    ``α/‖δ‖`` for which ``α·δ̂`` at the subject alone makes the new object beat the old, on
+    ``(0, 2]``; NaN above), the optimisation's ``v0_norm``, ``delta_rel = ‖δ‖/‖v0‖``, ``clamped``,
+    ``steps``, and :func:`mechrepro.studies.subspace_illusion.rome.edit_geometry`. Summary: the means
+    of the scores, ``pearson`` (ROME vs derived; None when either is constant), ``exact_frac`` and
+    the diagnostics' means (medians for ``alpha_min_rel`` and ``z_over_rms``).
+    """
+    Q = S.mlp_rowspace(setup.model, setup.layer)
     rows = []
     for i, p in enumerate(pairs):
         base, src = facts[p["base"]], facts[p["src"]]
-        tok = torch.tensor([base["tokens"]], dtype=torch.long)
-        subj = torch.tensor([base["subject_pos"]], dtype=torch.long)
-        end = torch.tensor([base["end_pos"]], dtype=torch.long)
-        new = src["object_id"]
-        with torch.no_grad():
-            p_before = _p_new(model(tok, logits_at=end), new)
-        u, w, k_base = rome_rank1(model, layer, tok, subj, end, new, C, ridge=ridge, **value_kwargs)
-        k_src = key_at(model, layer, torch.tensor([src["tokens"]], dtype=torch.long),
-                       torch.tensor([src["subject_pos"]], dtype=torch.long))[0]
-        with torch.no_grad():
-            with R.edited(model, layer, W + torch.outer(u, w)):
-                p_rome = _p_new(model(tok, logits_at=end), new)
-            conv = R.rank1_edit_to_subspace(W, u, w, k_base, k_src, Q)
-            fwd = S.mlp_post_forward(model, layer, tok, subj, end)
-            zero = torch.zeros(1, dtype=torch.long)
-            p_derived = _p_new(fwd(S.subspace_patch(k_base, k_src, conv.v)[None], zero), new)
-            p_row = _p_new(fwd(S.subspace_patch(k_base, k_src, R.rowspace_component(conv.v, Q))[None], zero), new)
         rows.append({"pair": i, "relation": p["relation"], "base_subject": base["subject"],
-                     "new_object": src["object"], "p_new_before": p_before, "p_new_rome": p_rome,
-                     "p_new_derived": p_derived, "p_new_row": p_row,
-                     "rome": float(R.rewrite_score(p_before, p_rome)),
-                     "derived_subspace": float(R.rewrite_score(p_before, p_derived)),
-                     "row_only": float(R.rewrite_score(p_before, p_row)),
-                     "exact": conv.exact, "achieved": conv.achieved, "theta": conv.theta,
-                     "delta_norm": float(w.norm())})
-        log("  pair %d/%d (%s -> %s): rewrite ROME %.3f, derived %.3f, row-only %.3f", i + 1, len(pairs),
-            base["subject"], src["object"], rows[-1]["rome"], rows[-1]["derived_subspace"], rows[-1]["row_only"])
+                     "new_object": src["object"], **rome_pair(setup, base, src, Q)})
+        r = rows[-1]
+        log("  pair %d/%d (%s -> %s): rewrite ROME %.3f, derived %.3f, row-only %.3f, delta only %.3f; "
+            "|delta|/|v0| %.2f, %d steps%s", i + 1, len(pairs), base["subject"], src["object"], r["rome"],
+            r["derived_subspace"], r["row_only"], r["rome_delta_only"], r["delta_rel"], r["steps"],
+            ", clamped" if r["clamped"] else "")
     frame = pd.DataFrame(rows)
-    summary = {"layer": layer, "n_pairs": len(frame),
-               "rome": float(frame.rome.mean()), "derived_subspace": float(frame.derived_subspace.mean()),
-               "row_only": float(frame.row_only.mean()),
-               "pearson": None if math.isnan(r := pearson(frame.rome, frame.derived_subspace)) else r,
-               "exact_frac": float(frame.exact.mean()), "achieved": float(frame.achieved.mean())}
-    return frame, summary
+    return frame, rome_summary(frame, setup.layer, setup.params.method)
+
+
+def _median(x) -> float | None:
+    vals = [float(v) for v in x if not math.isnan(float(v))]
+    return float(torch.tensor(vals, dtype=torch.float64).median()) if vals else None
+
+
+def rome_summary(frame: pd.DataFrame, layer: int, method: str) -> dict:
+    """The per-layer summary of :func:`rome_layer`'s frame (JSON-safe: None instead of NaN)."""
+    r = pearson(frame.rome, frame.derived_subspace)
+    return {"layer": layer, "method": method, "n_pairs": len(frame),
+            **{k: float(frame[k].mean()) for k in ("rome", "derived_subspace", "row_only", "rome_delta_only",
+                                                   "achieved", "delta_rel", "v0_norm", "gain_rel", "row_frac",
+                                                   "spill_max")},
+            "pearson": None if math.isnan(r) else r, "exact_frac": float(frame.exact.mean()),
+            "clamp_frac": float(frame.clamped.mean()), "early_stop_frac": float(frame.stopped_early.mean()),
+            "mean_steps": float(frame.steps.mean()), "alpha_min_rel": _median(frame.alpha_min_rel),
+            "alpha_found_frac": float(frame.alpha_min_rel.notna().mean()), "z_over_rms": _median(frame.z_over_rms)}
 
 
 def pearson(x, y) -> float:
