@@ -213,6 +213,50 @@ def test_learn_pair_directions_rows_are_independent(models):
     torch.testing.assert_close(V1[0], V[0], atol=1e-5, rtol=1e-4)
 
 
+def test_sgd_sweep_recovers_a_planted_direction():
+    """A linear read-out ``LD = k · d`` and sources that differ from the bases along ``d`` only
+    (``k_src = k_base − c d``): the patched LD is ``k_base·d − c (v·d)²``, lowest at ``v = ±d``."""
+    g = torch.Generator().manual_seed(21)
+    n, f = 4, 12
+    d = torch.randn(n, f, generator=g)
+    d = d / d.norm(dim=1, keepdim=True)
+    k_base = torch.randn(n, f, generator=g)
+    k_src = k_base - 3.0 * d
+
+    def forward_fn(patched, idx):  # logits of (base object, source object)
+        ld = (patched * d[idx]).sum(1)
+        return torch.stack([ld, torch.zeros_like(ld)], dim=1)
+
+    target = torch.tensor([[0, 1]] * n)
+    V, loss = F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=200, lrs=[0.3, 0.03], seed=0,
+                                      optimizer="sgd", trials=2)
+    assert (V * d).sum(1).abs().min() > 0.999  # the planted direction, up to sign
+    torch.testing.assert_close(loss, (k_base * d).sum(1) - 3.0, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(V.norm(dim=1), torch.ones(n))
+    # the best step is kept: a run too short to get there returns the lowest loss it saw, at its direction
+    V1, loss1 = F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=3, lrs=[0.01], seed=0,
+                                        optimizer="sgd")
+    coef = ((k_src - k_base) * V1).sum(1)
+    torch.testing.assert_close(loss1, ((k_base + coef[:, None] * V1) * d).sum(1))
+    assert ((V1 * d).sum(1).abs() < 0.999).all()
+    with pytest.raises(ValueError, match="facts.optimizer"):
+        F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=1, lrs=[0.1], seed=0, optimizer="lbfgs")
+
+
+def test_sgd_on_a_tiny_model_lowers_the_patched_ld(models):
+    m = models["gpt2"]
+    facts = _tiny_facts()
+    pb = F.pair_batch(facts, F.make_pairs(facts, 4, seed=0))
+    kb, ks = F.key_at(m, 1, pb.tokens_base, pb.subj_base), F.key_at(m, 1, pb.tokens_src, pb.subj_src)
+    fwd = S.mlp_post_forward(m, 1, pb.tokens_base, pb.subj_base, pb.end_base)
+    V, loss = F.learn_pair_directions(kb, ks, fwd, pb.target, steps=30, lrs=[0.3], seed=0, optimizer="sgd")
+    V0, loss0 = F.learn_pair_directions(kb, ks, fwd, pb.target, steps=1, lrs=[0.3], seed=0, optimizer="sgd")
+    assert (loss <= loss0 + 1e-6).all() and (loss < loss0 - 1e-3).any()
+    with torch.no_grad():
+        ld = F._ld(F.patch_rows(fwd, kb, ks, V), pb.target)
+    torch.testing.assert_close(ld, loss, atol=1e-5, rtol=1e-5)
+
+
 class _Words:
     """A word-level tokenizer for tiny models: each word (and ".") is one id below 101, BOS 0."""
 

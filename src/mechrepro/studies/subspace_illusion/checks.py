@@ -140,12 +140,12 @@ BOUNDS = [
                                                          "forward and backward passes of DAS")),
     Bound("subspace_ioi.batch", memory_limit(_fact_bytes), memory_cost(_fact_bytes, "a DAS step over that many pairs")),
     Bound("facts.n_pairs", fixed(1_000), work_cost(
-        lambda c, v: v * c["facts"]["steps"] * len(c["facts"]["lrs"]) * len(c["facts"]["layers"]),
+        lambda c, v: v * c["facts"]["steps"] * len(c["facts"]["lrs"]) * c["facts"]["trials"] * len(c["facts"]["layers"]),
         "forward and backward passes in the fact sweep")),
     Bound("facts.min_pairs", lambda c, s: c["facts"]["n_pairs"],
           lambda c, s, v: f"at most facts.n_pairs = {c['facts']['n_pairs']} pairs are made, so the run would always stop"),
     Bound("facts.steps", fixed(10_000), work_cost(
-        lambda c, v: v * c["facts"]["n_pairs"] * len(c["facts"]["lrs"]) * len(c["facts"]["layers"]),
+        lambda c, v: v * c["facts"]["n_pairs"] * len(c["facts"]["lrs"]) * c["facts"]["trials"] * len(c["facts"]["layers"]),
         "forward and backward passes in the fact sweep")),
     Bound("rome.n_pairs", fixed(1_000), work_cost(lambda c, v: v * c["rome"]["steps"] * len(c["facts"]["layers"])
                                                   * _rome_rows(c), "prompt runs of ROME's value optimisation")),

@@ -377,47 +377,88 @@ class SuffixForward:
                         hooks={f"blocks.{self.layer}.mlp.hook_post": write})
 
 
+RowsLoss = Callable[[Tensor], Tensor]
+
+
+def _adam_run(rows_loss: RowsLoss, u0: Tensor, lr: float, steps: int, log: Log) -> tuple[Tensor, Tensor]:
+    """Adam on free vectors ``u`` (``v = u / ‖u‖``) for ``steps`` steps; the final directions and losses."""
+    u = u0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=lr)
+    for step in range(steps):
+        loss = rows_loss(u / u.norm(dim=1, keepdim=True))
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        if step % max(1, steps // 4) == 0:
+            log("  adam lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
+    with torch.no_grad():
+        v = u.detach() / u.detach().norm(dim=1, keepdim=True)
+        return v, rows_loss(v)
+
+
+def _sgd_run(rows_loss: RowsLoss, u0: Tensor, lr: float, steps: int, end_factor: float,
+             log: Log) -> tuple[Tensor, Tensor]:
+    """The paper's optimiser (the authors' fact-patching notebook): plain SGD on the unit vectors
+    themselves, the learning rate decaying linearly to ``end_factor · lr`` over ``steps`` steps, each
+    vector renormalised after every step; per row, the direction with the lowest loss over all steps."""
+    v = u0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([v], lr=lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end_factor, total_iters=steps)
+    best_v, best_loss = v.detach().clone(), torch.full((len(v),), math.inf, dtype=v.dtype, device=v.device)
+    for step in range(steps):
+        loss = rows_loss(v)
+        with torch.no_grad():
+            better = loss < best_loss
+            best_v[better], best_loss[better] = v[better], loss[better]
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            v.div_(v.norm(dim=1, keepdim=True))
+        if step % max(1, steps // 4) == 0:
+            log("  sgd lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
+    return best_v, best_loss
+
+
 def learn_pair_directions(k_base: Tensor, k_src: Tensor, forward_fn: S.ForwardFn, target: Tensor, *,
-                          steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog) -> tuple[Tensor, Tensor]:
+                          steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog, optimizer: str = "adam",
+                          trials: int = 1, end_factor: float = 1e-3) -> tuple[Tensor, Tensor]:
     """One unit direction per pair (row), all rows trained together.
 
-    Each row ``i`` has its own ``u_i`` (``v_i = u_i / ‖u_i‖``, started as a seeded random unit
-    vector); the loss is ``Σ_i [logit_i(base obj) − logit_i(src obj)]`` after patching row ``i``
-    along ``v_i`` (a sum, so each row's gradient is its own). Adam for ``steps`` steps at every
-    learning rate in ``lrs``; for each row the direction of the lr with the lowest final loss is
-    kept. Returns ``(V [n, f], final loss per row [n])``.
+    Each row ``i`` has its own direction, started as a seeded random unit vector; the loss is
+    ``Σ_i [logit_i(base obj) − logit_i(src obj)]`` after patching row ``i`` along ``v_i`` (a sum, so
+    each row's gradient is its own). One run per learning rate in ``lrs``, repeated ``trials``
+    times with other initial vectors (run ``j`` seeded ``seed + j``, the lrs cycling as in the
+    authors' sweep). ``optimizer``: ``"adam"`` (:func:`_adam_run`, ``steps`` steps, each run's final
+    direction) or ``"sgd"`` (:func:`_sgd_run`, the paper's: linear decay to ``end_factor``, each run's
+    best direction over its steps). For each row the run with the lowest loss wins. Returns
+    ``(V [n, f], its loss per row [n])``.
     """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"facts.optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     n, f = k_base.shape
     rows = torch.arange(n, device=k_base.device)
-    idx = rows
+
+    def rows_loss(v: Tensor) -> Tensor:
+        coef = ((k_src - k_base) * v).sum(1)
+        logits = forward_fn(k_base + coef[:, None] * v, rows)
+        return logits[rows, target[:, 0]] - logits[rows, target[:, 1]]
+
     best_v, best_loss = None, None
-    for j, lr in enumerate(lrs):
+    for j, lr in enumerate(list(lrs) * trials):
         g = torch.Generator().manual_seed(seed + j)
         u = torch.randn(n, f, generator=g, dtype=k_base.dtype).to(k_base.device)
-        u = (u / u.norm(dim=1, keepdim=True)).requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=lr)
-
-        def rows_loss(v: Tensor) -> Tensor:
-            coef = ((k_src - k_base) * v).sum(1)
-            logits = forward_fn(k_base + coef[:, None] * v, idx)
-            return logits[rows, target[:, 0]] - logits[rows, target[:, 1]]
-
-        for step in range(steps):
-            v = u / u.norm(dim=1, keepdim=True)
-            loss = rows_loss(v)
-            opt.zero_grad()
-            loss.sum().backward()
-            opt.step()
-            if step % max(1, steps // 4) == 0:
-                log("  lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
-        with torch.no_grad():
-            v = u.detach() / u.detach().norm(dim=1, keepdim=True)
-            final = rows_loss(v)
-        if best_v is None:
-            best_v, best_loss = v.clone(), final.clone()
+        u = u / u.norm(dim=1, keepdim=True)
+        if optimizer == "adam":
+            v, loss = _adam_run(rows_loss, u, lr, steps, log)
         else:
-            better = final < best_loss
-            best_v[better], best_loss[better] = v[better], final[better]
+            v, loss = _sgd_run(rows_loss, u, lr, steps, end_factor, log)
+        if best_v is None:
+            best_v, best_loss = v.clone(), loss.detach().clone()
+        else:
+            better = loss < best_loss
+            best_v[better], best_loss[better] = v[better], loss.detach()[better]
     return best_v, best_loss
 
 
@@ -462,9 +503,11 @@ def rank1_edit_logits(model: Transformer, layer: int, pb: PairBatch, V: Tensor, 
 
 
 def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[dict], C: Tensor | None, *,
-                steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog) -> tuple[pd.DataFrame, dict, Tensor]:
+                steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog,
+                **train: object) -> tuple[pd.DataFrame, dict, Tensor]:
     """Everything the paper reports for one layer of the facts sweep.
 
+    ``train``: ``optimizer``, ``trials``, ``end_factor`` of :func:`learn_pair_directions`.
     Returns ``(per-pair frame, summary, directions V [n, f])``. The summary holds ``n_pairs``,
     the flip fractions (``flip_frac_1d``, ``flip_frac_full_mlp``, ``flip_frac_row``,
     ``flip_frac_null``, ``flip_frac_rank1_edit``), ``rank1_agrees_1d`` (fraction of pairs the
@@ -479,7 +522,7 @@ def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[d
     vocab = torch.unique(torch.cat([pb.obj_base, pb.obj_src]))
     target = torch.searchsorted(vocab, pb.target)
     fwd = SuffixForward(model, layer, pb.tokens_base, pb.subj_base, pb.end_base, vocab)
-    V, final = learn_pair_directions(k_base, k_src, fwd, target, steps=steps, lrs=lrs, seed=seed, log=log)
+    V, final = learn_pair_directions(k_base, k_src, fwd, target, steps=steps, lrs=lrs, seed=seed, log=log, **train)
     Q = S.mlp_rowspace(model, layer)
     v_row = (V @ Q) @ Q.T
     v_null = V - v_row

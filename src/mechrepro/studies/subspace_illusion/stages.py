@@ -232,9 +232,12 @@ def facts_layer(snk) -> None:
         raise ValueError(f"facts.layers has {layer}, outside the model's layers 0-{lm.model.spec.n_layers - 1}")
     C = _load_sigma(snk.input.sigma, lm.model.spec.d_mlp)
     t = time.time()
-    log.info("layer %d: learning %d directions (%d steps, lrs %s)", layer, len(data["pairs"]), cfg["steps"], cfg["lrs"])
+    log.info("layer %d: learning %d directions (%s, %d steps, lrs %s, %d trials)", layer, len(data["pairs"]),
+             cfg["optimizer"], cfg["steps"], cfg["lrs"], cfg["trials"])
     frame, summary, V = F.sweep_layer(lm.model, layer, data["facts"], data["pairs"], C, steps=cfg["steps"],
-                                      lrs=cfg["lrs"], seed=snk.config["seed"], log=log.info)
+                                      lrs=cfg["lrs"], seed=snk.config["seed"], log=log.info, optimizer=cfg["optimizer"],
+                                      trials=cfg["trials"], end_factor=cfg["lr_end_factor"])
+    summary["optimizer"] = cfg["optimizer"]
     summary["timings"] = {"seconds": time.time() - t}
     summary["model"] = lm.name
     log.info("layer %d: flips 1-D %.3f, full MLP %.3f, row %.3f, null %.3f, rank-1 edit %.3f (agrees %.3f); "
