@@ -241,6 +241,17 @@ def test_sgd_sweep_recovers_a_planted_direction():
     assert ((V1 * d).sum(1).abs() < 0.999).all()
     with pytest.raises(ValueError, match="facts.optimizer"):
         F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=1, lrs=[0.1], seed=0, optimizer="lbfgs")
+    # a loss that drifts upwards with every call, whatever the direction: the first step's direction is kept
+    calls = []
+
+    def drifting(patched, idx):
+        calls.append(1)
+        return forward_fn(patched, idx) + torch.tensor([10.0 * len(calls), 0.0])
+
+    V2, loss2 = F.learn_pair_directions(k_base, k_src, drifting, target, steps=20, lrs=[0.3], seed=0, optimizer="sgd")
+    u0 = torch.randn(n, f, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(V2, u0 / u0.norm(dim=1, keepdim=True))
+    assert len(calls) == 20 and loss2.max() < 10.0 + (k_base * d).sum(1).abs().max() + 3.0
 
 
 def test_sgd_on_a_tiny_model_lowers_the_patched_ld(models):
