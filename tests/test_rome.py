@@ -194,7 +194,7 @@ def _naive_rome_v(m, layer, tokens, subj, read, n, target, hp):
         nll = -logp[:n, target].mean()
         kl = hp.kl_factor * Fn.kl_div(init, logp[n:], log_target=True, reduction="batchmean")
         loss = nll + kl + hp.weight_decay * torch.norm(delta) / torch.norm(v0) ** 2
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if loss < hp.early_stop or it == hp.steps - 1:
             break
         opt.zero_grad()
