@@ -23,7 +23,7 @@ def test_facts_and_rome_parts(smoke):
     layers = [str(l) for l in cfg["facts"]["layers"]]
     facts = json.loads((smoke / FACTS_RESULTS / "facts.json").read_text())
     rome = json.loads((smoke / FACTS_RESULTS / "rome.json").read_text())
-    assert list(facts) == ["facts"] and list(facts["facts"]) == layers
+    assert list(facts) == ["facts", "facts_dataset"] and list(facts["facts"]) == layers
     assert list(rome) == ["rome"] and list(rome["rome"]) == layers
     for layer in layers:
         row = facts["facts"][layer]
