@@ -125,11 +125,12 @@ def smoke(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_serial(tmp_path_factory) -> Path:
-    """The same smoke run with ``--cores 1`` (one job at a time), once per session: the reference of
-    the determinism and recovery tests."""
-    from smoke_utils import shared_run
+    """The smoke run with ``--cores 1`` (one job at a time), SIGKILLed at three points and completed,
+    once per session: the reference of the determinism test (test_parallel.py) and the subject of
+    the recovery test (test_faults.py). See ``smoke_utils.killed_serial_run``."""
+    from smoke_utils import killed_serial_run
 
-    return shared_run(tmp_path_factory, "serial", "1")
+    return killed_serial_run(tmp_path_factory)
 
 
 @pytest.fixture

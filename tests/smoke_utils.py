@@ -1,6 +1,6 @@
 """Running the smoke pipeline (config/smoke.yaml) in temporary copies of the repository.
 
-A smoke run of ``snakemake all`` costs 70-90 s on 2 cores, so finished runs are shared by every
+A smoke run of ``snakemake all`` costs about 6 minutes on 2 cores, so finished runs are shared by every
 test module of a pytest session: :func:`shared_run` runs each named configuration once and returns
 its directory. Every copy is made from one snapshot of the repository taken at first use, so all
 runs of a session use the same code even while the checkout is being edited, and each copy runs
@@ -299,3 +299,130 @@ def _strip_lock(lock: dict, loose: set[str]) -> None:
                 if entry.get("path") in loose:
                     entry.pop("md5", None)
                     entry.pop("size", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The serial run, SIGKILLed at three points and completed
+
+MODEL_DIR = "resources/models/tiny-gpt2"
+IOI_RESULTS = "results/ioi_generalization"
+KILL_REPORT: list[str] = []  # one line per kill of the serial run: when, what was under way, what was left
+
+
+def _tmp_of(work: Path, pattern: str) -> bool:
+    for p in work.glob(pattern):
+        try:
+            if p.stat().st_size > 0:
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+# (what is under way, condition to kill at); tried in this order, one run each
+KILL_POINTS = [
+    ("prepare_model writing model.safetensors (temporary file not yet renamed), or just after",
+     lambda w: _tmp_of(w, f"{MODEL_DIR}/.model.safetensors.*.tmp") or (w / MODEL_DIR / "manifest.json").exists()),
+    ("ioi_evaluate (base) after writing its first output",
+     lambda w: (w / IOI_RESULTS / "eval" / "base.json").exists()),
+    ("figure: papermill writing an executed notebook",
+     lambda w: any((w / "results" / "notebooks").glob("*/*.ipynb"))),
+]
+
+
+def assert_nothing_truncated(work: Path) -> list[str]:
+    """Every file under its final name is complete; return the artifacts lacking a sidecar."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from mechrepro.workflow.artifacts import PROV_SUFFIX
+
+    bad, unsigned = [], []
+    for rel, path in output_files(work).items():
+        if rel.startswith("results/notebooks/") or rel == "dvc.lock":
+            continue  # papermill writes the executed notebook in place; it is no rule's input
+        if "/." in rel:
+            assert rel.endswith(".tmp"), rel
+            continue  # a killed writer's temporary file: never read, removed by the next write
+        try:
+            if rel.endswith(".json"):
+                json.loads(path.read_text())
+            elif rel.endswith(".csv"):
+                pd.read_csv(path)
+            elif rel.endswith(".png"):
+                assert path.read_bytes()[-8:] == b"IEND\xaeB`\x82", "no PNG end chunk"
+            elif rel.endswith(".safetensors"):
+                load_file(path)
+        except Exception as exc:  # noqa: BLE001
+            bad.append(f"{rel}: {exc}")
+        if rel.endswith(PROV_SUFFIX) or (rel.startswith(MODEL_DIR + "/") and not rel.endswith("manifest.json")):
+            continue  # sidecars; model files (their hashes are in manifest.json, written last)
+        side = Path(str(path) + PROV_SUFFIX)
+        if side.exists():
+            assert json.loads(side.read_text())["sha256"] == sha256(path), rel
+        else:
+            unsigned.append(rel)  # written just before the kill; its job is rerun
+    assert not bad, bad
+    return unsigned
+
+
+def incomplete_outputs(work: Path) -> list[str]:
+    """Outputs Snakemake has marked incomplete (their job started and did not finish)."""
+    import base64
+
+    names = []
+    for p in (work / ".snakemake" / "incomplete").rglob("*"):
+        if p.is_file():
+            try:
+                names.append(base64.urlsafe_b64decode(p.name).decode())
+            except ValueError:
+                names.append(base64.b64decode(p.name).decode())
+    return sorted(names)
+
+
+def _snakemake_until(work: Path, condition, log: Path, timeout: float = 600) -> float:
+    proc = popen_snakemake(work, "all", "--cores", "1", log=log)
+    t0 = time.time()
+    try:
+        while proc.poll() is None and time.time() - t0 < timeout:
+            if condition(work):
+                kill_group(proc, work)
+                return time.time() - t0
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc, work)
+    raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
+
+
+def killed_serial_run(tmp_path_factory) -> Path:
+    """``snakemake all --cores 1`` in a fresh copy, SIGKILLed (the whole process group) at each of
+    :data:`KILL_POINTS`, then completed; once per session (shared as ``serial``).
+
+    After each kill no file under its final name is truncated. After the first, the next
+    ``snakemake all`` stops at once on Snakemake's stale lock, names the recovery command
+    (``--unlock``) and changes nothing. The completing run's output is ``RUN_OUTPUT["serial"]``.
+    """
+    if "serial" in _RUNS:
+        return _RUNS["serial"]
+    work = smoke_copy(tmp_path_factory, "serial")
+    log = work.parent / f"{work.name}-snakemake.log"
+    t = time.time()
+    for i, (point, condition) in enumerate(KILL_POINTS):
+        after = _snakemake_until(work, condition, log)
+        unsigned = assert_nothing_truncated(work)
+        KILL_REPORT.append(f"killed after {after:.1f}s during {point}; outputs marked incomplete: "
+                           f"{incomplete_outputs(work)}; artifacts without sidecar: {unsigned}")
+        before = {rel: sha256(p) for rel, p in output_files(work).items()}
+        if i == 0:
+            nxt = run([BIN / "snakemake", "all", "--cores", "1"], work, check=False)
+            out = nxt.stdout + nxt.stderr
+            assert nxt.returncode != 0 and "LockException" in out and "--unlock" in out, out[-2000:]
+            assert before == {rel: sha256(p) for rel, p in output_files(work).items()}
+        run([BIN / "snakemake", "--unlock"], work)
+    done = run([BIN / "snakemake", "all", "--cores", "1"], work, timeout=1500)
+    RUN_OUTPUT["serial"] = done.stdout + done.stderr
+    print(f"smoke run serial (--cores 1, killed {len(KILL_POINTS)} times) took {time.time() - t:.0f}s")
+    print("\n".join(KILL_REPORT))
+    _RUNS["serial"] = work
+    return work

@@ -3,12 +3,13 @@
 * Library level: a write that fails half-way (or at the rename) leaves the old artifact in place;
   a writer SIGKILLed mid-write leaves the old artifact and a temporary file that the next write of
   the same artifact removes; an artifact written without its sidecar is caught by the audit.
-* Pipeline level: ``snakemake all --cores 1`` on a smoke copy is killed with SIGKILL (the whole
-  process group) at three points. After each kill no file under its final name is truncated.
-  The next ``snakemake all`` stops at once with Snakemake's stale-lock message naming the recovery
-  command (``snakemake --unlock``) and changes nothing; after it, ``snakemake all`` completes (the
-  workflow profile sets ``rerun-incomplete``) and its artifacts equal those of the clean serial
-  run and of the clean ``--cores 2`` run, byte for byte.
+* Pipeline level: the session's serial smoke run (``snakemake all --cores 1``,
+  ``smoke_utils.killed_serial_run``) is killed with SIGKILL (the whole process group) at three
+  points. After each kill no file under its final name is truncated. The next ``snakemake all``
+  stops at once with Snakemake's stale-lock message naming the recovery command (``snakemake
+  --unlock``) and changes nothing; after it, ``snakemake all`` completes (the workflow profile
+  sets ``rerun-incomplete``), the audit passes, and test_parallel.py finds its artifacts equal to
+  those of the clean ``--cores 2`` run, byte for byte.
 * Tampering: one byte of an intermediate artifact changed is reported by ``dvc status`` and by
   ``python -m mechrepro audit``; ``dvc repro`` restores it.
 """
@@ -25,9 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from smoke_utils import (
-    BIN, compare_runs, kill_group, output_files, popen_snakemake, run, sha256, smoke_copy,
-)
+from smoke_utils import BIN, KILL_POINTS, KILL_REPORT, RUN_OUTPUT, output_files, run
 
 from mechrepro.workflow import artifacts as A
 from mechrepro.workflow.audit import audit
@@ -35,7 +34,6 @@ from mechrepro.studies import study
 
 RESULTS = study("ioi_generalization").results
 
-MODEL_DIR = "resources/models/tiny-gpt2"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,135 +129,18 @@ def test_artifact_without_its_new_sidecar_is_caught_by_audit(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------------------------------
-# SIGKILL of the smoke pipeline
+# SIGKILL of the smoke pipeline: the session's serial run (smoke_utils.killed_serial_run) is killed
+# at three points and completed; test_parallel.py checks that it equals the clean --cores 2 run.
 
 
-def _tmp_of(work: Path, pattern: str) -> bool:
-    for p in work.glob(pattern):
-        try:
-            if p.stat().st_size > 0:
-                return True
-        except FileNotFoundError:
-            pass
-    return False
-
-
-# (what is under way, condition to kill at); tried in this order, one run each
-KILL_POINTS = [
-    ("prepare_model writing model.safetensors (temporary file not yet renamed), or just after",
-     lambda w: _tmp_of(w, f"{MODEL_DIR}/.model.safetensors.*.tmp") or (w / MODEL_DIR / "manifest.json").exists()),
-    ("ioi_evaluate (base) after writing its first output",
-     lambda w: (w / RESULTS / "eval" / "base.json").exists()),
-    ("figure: papermill writing an executed notebook",
-     lambda w: any((w / "results" / "notebooks").glob("*/*.ipynb"))),
-]
-
-
-def _assert_nothing_truncated(work: Path) -> list[str]:
-    """Every file under its final name is complete; return the artifacts lacking a sidecar."""
-    from safetensors.torch import load_file
-
-    bad, unsigned = [], []
-    for rel, path in output_files(work).items():
-        if rel.startswith("results/notebooks/") or rel == "dvc.lock":
-            continue  # papermill writes the executed notebook in place; it is no rule's input
-        if "/." in rel:
-            assert rel.endswith(".tmp"), rel
-            continue  # a killed writer's temporary file: never read, removed by the next write
-        try:
-            if rel.endswith(".json"):
-                json.loads(path.read_text())
-            elif rel.endswith(".csv"):
-                pd.read_csv(path)
-            elif rel.endswith(".png"):
-                assert path.read_bytes()[-8:] == b"IEND\xaeB`\x82", "no PNG end chunk"
-            elif rel.endswith(".safetensors"):
-                load_file(path)
-        except Exception as exc:  # noqa: BLE001
-            bad.append(f"{rel}: {exc}")
-        if rel.endswith(A.PROV_SUFFIX) or (rel.startswith(MODEL_DIR + "/") and not rel.endswith("manifest.json")):
-            continue  # sidecars; model files (their hashes are in manifest.json, written last)
-        side = Path(str(path) + A.PROV_SUFFIX)
-        if side.exists():
-            assert json.loads(side.read_text())["sha256"] == sha256(path), rel
-        else:
-            unsigned.append(rel)  # written just before the kill; its job is rerun
-    assert not bad, bad
-    return unsigned
-
-
-def _incomplete(work: Path) -> list[str]:
-    """Outputs Snakemake has marked incomplete (their job started and did not finish)."""
-    import base64
-
-    names = []
-    for p in (work / ".snakemake" / "incomplete").rglob("*"):
-        if p.is_file():
-            try:
-                names.append(base64.urlsafe_b64decode(p.name).decode())
-            except ValueError:
-                names.append(base64.b64decode(p.name).decode())
-    return sorted(names)
-
-
-def _snakemake_until(work: Path, condition, log: Path, timeout: float = 600) -> float:
-    proc = popen_snakemake(work, "all", "--cores", "1", log=log)
-    t0 = time.time()
-    try:
-        while proc.poll() is None and time.time() - t0 < timeout:
-            if condition(work):
-                kill_group(proc, work)
-                return time.time() - t0
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc, work)
-    raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def serial(smoke_serial):
-    return smoke_serial
-
-
-@pytest.fixture(scope="module")
-def killed_and_recovered(tmp_path_factory):
-    """A smoke copy whose `snakemake all` was SIGKILLed at each of KILL_POINTS, then completed."""
-    work = smoke_copy(tmp_path_factory, "killed")
-    log = work.parent / f"{work.name}-snakemake.log"
-    report = []
-    for i, (point, condition) in enumerate(KILL_POINTS):
-        after = _snakemake_until(work, condition, log)
-        unsigned = _assert_nothing_truncated(work)
-        report.append(f"killed after {after:.1f}s during {point}; outputs marked incomplete: {_incomplete(work)}; "
-                      f"artifacts without sidecar: {unsigned}")
-        before = {rel: sha256(p) for rel, p in output_files(work).items()}
-        if i == 0:
-            # the next run stops at once on Snakemake's stale lock, names the recovery, changes nothing
-            nxt = run([BIN / "snakemake", "all", "--cores", "1"], work, check=False)
-            out = nxt.stdout + nxt.stderr
-            assert nxt.returncode != 0 and "LockException" in out and "--unlock" in out, out[-2000:]
-            assert before == {rel: sha256(p) for rel, p in output_files(work).items()}
-        run([BIN / "snakemake", "--unlock"], work)
-    done = run([BIN / "snakemake", "all", "--cores", "1"], work)
-    assert "dvc.lock updated" in done.stdout + done.stderr
-    print("\n".join(report))
-    return work, report
-
-
-@pytest.mark.workflow
-@pytest.mark.parametrize("clean", ["serial", "smoke"])
-def test_killed_runs_recover_to_the_clean_result(killed_and_recovered, clean, request):
-    """The killed-and-recovered serial run equals the clean serial run and the clean --cores 2 run
-    (``smoke``), byte for byte (executed notebooks without papermill's execution metadata)."""
-    work, report = killed_and_recovered
-    assert len(report) == len(KILL_POINTS)
-    diffs, how = compare_runs(request.getfixturevalue(clean), work)
-    assert not diffs, "\n".join(diffs)
-    assert all(rel.startswith("results/notebooks/") or "JSON" in kind or "without the hashes" in kind
-               for rel, kind in how.items()), how
-    assert not [rel for rel in output_files(work) if "/." in rel], "temporary files left behind"
-    done = run([sys.executable, "-m", "mechrepro", "audit", "results", "figures", "resources"], work)
+@pytest.mark.integration
+def test_killed_serial_run_recovered(smoke_serial):
+    """Every kill point was reached, the completed run left no temporary file, and the audit passes
+    every artifact, sidecar and model file."""
+    assert len(KILL_REPORT) == len(KILL_POINTS), KILL_REPORT
+    assert "dvc.lock updated" in RUN_OUTPUT["serial"]
+    assert not [rel for rel in output_files(smoke_serial) if "/." in rel], "temporary files left behind"
+    done = run([sys.executable, "-m", "mechrepro", "audit", "results", "figures", "resources"], smoke_serial)
     assert "audit OK" in done.stdout
 
 
@@ -277,8 +158,8 @@ def _flip_digit(path: Path) -> int:
 
 
 @pytest.mark.workflow
-def test_tampered_artifact_reported_and_restored(killed_and_recovered):
-    work, _ = killed_and_recovered
+def test_tampered_artifact_reported_and_restored(smoke_copy):
+    work = smoke_copy
     rel = f"{RESULTS}/data/triple_io.json"  # an intermediate artifact (input of inference, evaluation)
     path = work / rel
     original = path.read_bytes()

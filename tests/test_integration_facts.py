@@ -49,6 +49,10 @@ def test_facts_and_rome_parts(smoke):
         assert (smoke / FACTS_RESULTS / "rome" / "key_stats" / f"layer{layer}.safetensors").stat().st_size > 1000
     data = json.loads((smoke / FACTS_RESULTS / "facts" / "data.json").read_text())
     assert data["require_correct"] is False and len(data["pairs"]) == cfg["facts"]["n_pairs"]
+    # facts_dataset (what the claims read) restates the dataset it was computed from
+    summary = facts["facts_dataset"]
+    assert summary["require_correct"] is data["require_correct"]
+    assert summary["n_pairs"] == len(data["pairs"]) and summary["n_facts"] == len(data["facts"])
     for p in data["pairs"]:
         assert data["facts"][p["base"]]["relation"] == data["facts"][p["src"]]["relation"]
     prov = json.loads((smoke / FACTS_RESULTS / "facts.json.prov.json").read_text())

@@ -260,3 +260,35 @@ def test_untied_llama_head(hf_models):
     assert not hf.config.tie_word_embeddings
     model = Transformer.from_hf(hf)
     torch.testing.assert_close(model.W_U, hf.lm_head.weight.detach().T)
+
+
+def _same_transformer(a, b) -> None:
+    assert a.spec == b.spec
+    pa, pb = dict(a.named_buffers()) | dict(a.named_parameters()), dict(b.named_buffers()) | dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_checkpoint_dir_loads_what_from_hf_reads(arch, tied, tmp_path):
+    """The loader that skips the transformers modelling code builds the same model, bit for bit."""
+    hf = make_hf(arch)
+    hf.config.tie_word_embeddings = tied
+    if not tied:
+        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone() + 0.01)
+    hf.save_pretrained(tmp_path)
+    direct = Transformer.from_checkpoint_dir(tmp_path)
+    assert direct is not None
+    _same_transformer(direct, Transformer.from_hf(hf))
+
+
+def test_checkpoint_dir_declines_what_it_cannot_read(tmp_path):
+    """Rotary scaling and unknown architectures are left to transformers (None), never guessed."""
+    hf = make_hf("llama")
+    hf.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    hf.save_pretrained(tmp_path)
+    assert Transformer.from_checkpoint_dir(tmp_path) is None
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    assert Transformer.from_checkpoint_dir(tmp_path) is None
+    assert Transformer.from_checkpoint_dir(tmp_path / "missing") is None

@@ -7,7 +7,8 @@ two decoder families the studies need:
 * ``llama`` — RMSNorm, rotary positions, grouped-query attention, gated (SwiGLU) MLP
   (SmolLM2, Llama, Qwen2 — the latter with q/k/v biases).
 
-The weights are read from a Hugging Face checkpoint (:func:`Transformer.from_hf`); a test checks
+The weights are read from a Hugging Face checkpoint (:func:`Transformer.from_hf`, or
+:func:`Transformer.from_checkpoint_dir` straight from the saved files); a test checks
 that the logits match the Hugging Face implementation. Owning the forward pass gives what the
 patching and path-patching code needs and a hook API alone does not:
 
@@ -293,6 +294,51 @@ class Transformer(nn.Module):
         raise NotImplementedError(
             f"model_type '{mtype}' is not supported; supported: gpt2, llama, qwen2, mistral"
         )
+
+    @classmethod
+    def from_checkpoint_dir(cls, model_dir) -> Transformer | None:
+        """Build straight from a saved Hugging Face checkpoint (``config.json`` + one
+        ``model.safetensors``), without importing the ``transformers`` modelling code.
+
+        That import costs about 4 s in every process on the 2-core machine, more than most smoke
+        jobs compute. The parameters are the ones :meth:`from_hf` reads from the loaded model, bit
+        for bit (a test checks it). Returns ``None`` where this path does not apply (another
+        architecture, rotary scaling, a sharded or untied checkpoint without its unembedding); the
+        caller then loads through ``transformers``.
+        """
+        import json
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        from safetensors.torch import load_file
+
+        d = Path(model_dir)
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            return None
+        raw = json.loads((d / "config.json").read_text())
+        mtype = raw.get("model_type")
+        if mtype == "gpt2":
+            cfg = SimpleNamespace(**{"n_inner": None, "layer_norm_epsilon": 1e-5, "n_positions": 1024, **raw})
+        elif mtype in ("llama", "qwen2", "mistral"):
+            cfg = SimpleNamespace(**{"num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6, **raw})
+        else:
+            return None
+        sd = {k: v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
+        if mtype == "gpt2":
+            if "transformer.wte.weight" not in sd:
+                return None
+            return cls._from_gpt2(cfg, sd)
+        if "lm_head.weight" not in sd and not raw.get("tie_word_embeddings", False):
+            return None
+        rope = raw.get("rope_parameters") or {"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0),
+                                               **(raw.get("rope_scaling") or {})}
+        if rope.get("rope_type", rope.get("type", "default")) != "default" or raw.get("partial_rotary_factor", 1.0) != 1.0:
+            return None
+        e = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+        # as transformers' default rotary embedding computes it (float32, integer steps)
+        steps = torch.arange(0, e, 2, dtype=torch.int64).to(device="cpu", dtype=torch.float)
+        inv_freq = 1.0 / (float(rope["rope_theta"]) ** (steps / e))
+        return cls._from_llama(cfg, sd, inv_freq)
 
     @classmethod
     def _from_gpt2(cls, cfg, sd: dict[str, Tensor]) -> Transformer:

@@ -275,8 +275,6 @@ def prepare_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a model prepared by :func:`prepare_model` from ``model_dir`` onto ``device`` in ``dtype``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     d = Path(model_dir)
     mpath = d / "manifest.json"
     if not mpath.exists():
@@ -296,10 +294,28 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "
                     f"{path} is missing or does not match the hash in {mpath}; rebuild the model: rm {mpath} && "
                     "snakemake all (the rule that made it prepares it again)"
                 )
-        hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-        if manifest["name"] in TINY:
-            tok = gpt2_tokenizer()
-        else:
-            tok = AutoTokenizer.from_pretrained(str(d))
+        model = Transformer.from_checkpoint_dir(d)
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = Transformer.from_hf(AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32))
+        tok = gpt2_tokenizer() if manifest["name"] in TINY else saved_tokenizer(d)
+        return LoadedModel(manifest["name"], model.to(device=device, dtype=getattr(torch, dtype)), tok, manifest)
     model = Transformer.from_hf(hf).to(device=device, dtype=getattr(torch, dtype))
     return LoadedModel(manifest["name"], model, tok, manifest)
+
+
+def saved_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer saved in ``model_dir``: the class its ``tokenizer_config.json`` names, as
+    ``AutoTokenizer`` would choose it, but without loading the model's configuration class (which
+    imports the ``transformers`` modelling code, about 4 s per process)."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    d = Path(model_dir)
+    try:
+        name = json.loads((d / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, json.JSONDecodeError):
+        name = None
+    cls = tokenizer_class_from_name(name) if name else None
+    return (cls or AutoTokenizer).from_pretrained(str(d))

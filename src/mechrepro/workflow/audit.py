@@ -104,17 +104,11 @@ class Auditor:
         self.out(f"{indent}  !! {msg}")
 
     def load_sidecar(self, rel: str, indent: str) -> dict | None:
-        side = self.abs(rel + PROV_SUFFIX)
-        if not side.is_file():
-            return None
-        try:
-            record = json.loads(side.read_text())
-            if not isinstance(record, dict) or "sha256" not in record:
-                raise ValueError("no 'sha256' field")
-            return record
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.problem(indent, msg.bad_sidecar(rel, str(exc)))
+        record, problem = msg.read_sidecar(rel, self.root)
+        if problem:
+            self.problem(indent, problem)
             return {}
+        return record
 
     # ---------------------------------------------------------------- walk
 

@@ -126,9 +126,10 @@ class HashCache:
 
 
 # ------------------------------------------------------------------ checks
-def _sidecar(rel: str) -> tuple[dict | None, str | None]:
-    """(record, None), (None, None) without a sidecar, or (None, problem) when it is unreadable."""
-    side = Path(rel + PROV_SUFFIX)
+def read_sidecar(rel: str, root: str | os.PathLike = ".") -> tuple[dict | None, str | None]:
+    """The provenance record of ``rel`` (relative to ``root``): (record, None), (None, None) without a
+    sidecar, or (None, problem) when it is unreadable. Shared by the run's checks and the audit."""
+    side = Path(root) / (rel + PROV_SUFFIX)
     if not side.is_file():
         return None, None
     try:
@@ -163,7 +164,7 @@ def check_file(rel: str, cache: HashCache) -> list[str]:
     rel = Path(rel).as_posix()
     if not Path(rel).is_file():
         return []
-    record, problem = _sidecar(rel)
+    record, problem = read_sidecar(rel)
     if problem:
         return [problem]
     problems = []

@@ -153,13 +153,14 @@ def record_in_dvc(config_settings) -> None:
     # times in no particular order; Snakemake would then see inputs newer than their outputs and
     # rerun jobs. The times are put back.
     times = _artifact_times()
-    done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True,
+    done = subprocess.run(["dvc", "commit", "--force"], capture_output=True, text=True,
                           env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     _restore_times(times)
     if done.returncode == 0:
         print("dvc.lock updated with the hashes of the artifacts")
     else:
-        print("dvc.lock not updated (run 'dvc commit' after a complete run):", done.stderr.strip()[-300:])
+        why = (done.stderr.strip() or done.stdout.strip())[-300:] or f"dvc commit exited with status {done.returncode}"
+        print("dvc.lock not updated (run 'dvc commit' after a complete run):", why)
 
 
 def _dvc_files(dvc_yaml: str = "dvc.yaml", kinds: tuple[str, ...] = ("outs", "metrics")) -> list[str]:
