@@ -115,6 +115,9 @@ def test_cuda_without_gpu(base_cfg):
 
 def _copied_data(tmp_path, edit):
     (tmp_path / "config").mkdir()
+    if (ROOT / "resources" / "corpora").is_dir():  # rome.corpus wikipedia_sample (fetched by make env)
+        (tmp_path / "resources").mkdir()
+        (tmp_path / "resources" / "corpora").symlink_to(ROOT / "resources" / "corpora")
     for name in ("subspace_ioi_data.yaml", "facts_data.yaml"):  # Study B's, checked too
         shutil.copy(ROOT / "config" / name, tmp_path / "config")
     dst = tmp_path / "config" / "ioi_data.yaml"

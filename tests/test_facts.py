@@ -115,6 +115,73 @@ def test_answer_facts_marks_the_models_top1(models):
 
 
 # ------------------------------------------------------------------ corpus
+WIKITEXT = """{{Infobox country|name=Peru|capital=[[Lima]]}}
+'''Peru''' is a country in [[South America|western South America]], bordered by [[Ecuador]] and Colombia.<ref>{{cite web|url=x}}</ref>
+== History ==
+* a list item that is long enough to count as a paragraph of prose text
+[[File:Flag of Peru.svg|thumb|The [[flag]] of Peru]]
+{| class="wikitable"
+| a table cell with many words that must never reach the corpus text at all
+|}
+Its capital is Lima, a city on the Pacific coast with about ten million people.<!-- hidden comment -->
+Short line.
+[[Category:Countries]]
+"""
+
+
+def test_wikitext_paragraphs_keep_prose_only():
+    assert F.wikitext_paragraphs(WIKITEXT) == [
+        "Peru is a country in western South America, bordered by Ecuador and Colombia.",
+        "Its capital is Lima, a city on the Pacific coast with about ten million people."]
+
+
+def _dump(path: Path, pages: list[tuple[str, str]]) -> Path:
+    import bz2
+    from xml.sax.saxutils import escape
+
+    ns = "http://www.mediawiki.org/xml/export-0.10/"
+    body = "".join(f"<page><title>{escape(t)}</title><revision><text>{escape(x)}</text></revision></page>"
+                   for t, x in pages)
+    path.write_bytes(bz2.compress(f'<mediawiki xmlns="{ns}">{body}</mediawiki>'.encode()))
+    return path
+
+
+def test_wikipedia_paragraphs_from_a_dump(tmp_path):
+    """Articles only (no redirect, namespaced page or stub), every paragraph once, in a seeded order."""
+    para = "word " * 30
+    pages = [("Peru", WIKITEXT + "\n" + para.strip()), ("Lima", "#REDIRECT [[Lima, Peru]]"),
+             ("Talk:Peru", para), ("Stub", "A stub article of only a few words, too short to use here."),
+             ("Chile", "\n".join(f"Chile paragraph {i} " + para for i in range(4)))]
+    dump = _dump(tmp_path / "d.xml.bz2", pages)
+    paras = F.wikipedia_paragraphs(dump)
+    assert len(paras) == 3 + 4 and sum(p.startswith("Chile paragraph") for p in paras) == 4
+    assert not any("stub" in p or "REDIRECT" in p for p in paras)
+    assert paras == F.wikipedia_paragraphs(dump) and sorted(paras) == sorted(F.wikipedia_paragraphs(dump, seed=1))
+
+
+def test_wikipedia_sample_missing_names_the_fetch(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from mechrepro.studies.subspace_illusion import checks
+    from mechrepro.workflow.config import ConfigError
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("facts_data.yaml", "subspace_ioi_data.yaml"):
+        (tmp_path / "config").mkdir(exist_ok=True)
+        shutil.copy(root / "config" / name, tmp_path / "config" / name)
+    config = yaml.safe_load((root / "config" / "smoke.yaml").read_text())
+    config["rome"]["corpus"] = "wikipedia_sample"
+    assert checks.corpus_file(config) == [checks.WIKIPEDIA_SAMPLE]
+    assert checks.corpus_file({"rome": {"corpus": "stdlib_docs"}}) == []
+    with pytest.raises(ConfigError, match="'rome.corpus' is wikipedia_sample.*fetch_wikipedia_sample.sh"):
+        checks.check_data_files(config, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="fetch_wikipedia_sample.sh"):
+        F.corpus_texts("wikipedia_sample")
+
+
 def test_corpus_texts_and_batches(tokenizer):
     texts = F.corpus_texts("stdlib_docs")
     assert len(texts) > 200

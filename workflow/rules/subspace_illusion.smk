@@ -3,6 +3,8 @@
 # layer for the 1-D patch sweep and for ROME -> summaries); all parts merge into metrics.json.
 # The IOI part reads Study A's circuit for the site layer (config subspace.layer: auto) and the name
 # movers. Stage functions: mechrepro.studies.subspace_illusion.stages.
+from mechrepro.studies.subspace_illusion.checks import corpus_file
+
 B = STUDIES["subspace_illusion"].results
 CIRCUIT = f"{STUDIES['ioi_generalization'].results}/circuit.json"
 FACT_LAYERS = config["facts"]["layers"]
@@ -165,7 +167,7 @@ rule facts_dataset:
 rule facts_key_stats:
     input:
         manifest=MANIFEST,
-        corpus=[] if config["rome"]["corpus"] == "stdlib_docs" else config["rome"]["corpus"],  # a text file
+        corpus=corpus_file(config),  # the corpus file (none for stdlib_docs)
     output:
         expand(f"{B}/rome/key_stats/layer{{layer}}.safetensors", layer=FACT_LAYERS),
     log:

@@ -3,7 +3,8 @@
 * the data files: the IOI pair templates (``subspace_ioi.data_file``), the fact material
   (``facts.data_file``: relations with one ``{}`` and string subjects and objects), the optional
   CounterFact JSON (``facts.counterfact_file``: JSON that parses, CounterFact records) and the
-  key-statistic corpus (``rome.corpus``: ``stdlib_docs`` or a non-empty UTF-8 text file);
+  key-statistic corpus (``rome.corpus``: ``stdlib_docs``, ``wikipedia_sample`` (its file fetched)
+  or a non-empty UTF-8 text file);
 * layer indices against the model's shape (:func:`mechrepro.workflow.config.model_spec`, without
   loading it): every layer of ``facts.layers`` (the fact sweep, ROME and the key statistic), and
   ``subspace.layer``, which needs a layer above it for the name movers;
@@ -45,7 +46,12 @@ def check_data_files(config: dict, root: str | Path) -> None:
     if config["facts"]["counterfact_file"]:
         check_counterfact(root, config["facts"]["counterfact_file"], load_counterfact)
     corpus = config["rome"]["corpus"]
-    if corpus != "stdlib_docs":
+    if corpus == "wikipedia_sample":
+        if not (root / WIKIPEDIA_SAMPLE).is_file():
+            raise ConfigError(f"config key 'rome.corpus' is wikipedia_sample, but {WIKIPEDIA_SAMPLE} is missing: "
+                              "fetch it with scripts/fetch_wikipedia_sample.sh (make env runs it), or set the key "
+                              "to stdlib_docs")
+    elif corpus != "stdlib_docs":
         check_corpus(root, corpus)
 
 
@@ -85,11 +91,28 @@ def check_corpus(root: Path, name: str) -> None:
 STDLIB_DOCS_WORDS = 40_000
 
 
+# rome.corpus 'wikipedia_sample': English Wikipedia articles (CC BY-SA) from the test data of the gensim
+# package, a MediaWiki XML dump fetched by scripts/fetch_wikipedia_sample.sh (run by `make env`).
+WIKIPEDIA_SAMPLE = "resources/corpora/enwiki-sample.xml.bz2"
+
+
+def corpus_file(config: dict) -> list[str]:
+    """The file ``rome.corpus`` reads (the key statistic's rule input), or none for ``stdlib_docs``."""
+    corpus = config["rome"]["corpus"]
+    return [] if corpus == "stdlib_docs" else [WIKIPEDIA_SAMPLE if corpus == "wikipedia_sample" else corpus]
+
+
+# Words in the paragraphs that rome.corpus 'wikipedia_sample' reads (395,753; the file is pinned by its sha256)
+WIKIPEDIA_SAMPLE_WORDS = 395_000
+
+
 def corpus_words(config: dict, root: str | Path = ".") -> int | None:
     """Words in the key-statistic corpus: a lower bound of its tokens for any tokenizer."""
     corpus = config["rome"]["corpus"]
     if corpus == "stdlib_docs":
         return STDLIB_DOCS_WORDS
+    if corpus == "wikipedia_sample":
+        return WIKIPEDIA_SAMPLE_WORDS
     path = Path(root) / corpus
     try:
         return len(path.read_text(encoding="utf-8").split())

@@ -38,6 +38,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechrepro.studies.subspace_illusion.checks import WIKIPEDIA_SAMPLE
+
 from mechrepro.studies.subspace_illusion import rome as R
 from mechrepro.core import engine as E
 from mechrepro.core import subspace as S
@@ -268,16 +270,87 @@ def _prose(doc: str | None) -> list[str]:
     return out
 
 
+
+
+def _drop_nested(text: str, open_: str, close: str) -> str:
+    """``text`` without its (possibly nested) ``open_ … close`` spans (templates, tables)."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth, i = depth + 1, i + len(open_)
+        elif depth and text.startswith(close, i):
+            depth, i = depth - 1, i + len(close)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def wikitext_paragraphs(wikitext: str, min_words: int = 8) -> list[str]:
+    """The prose paragraphs of one article's MediaWiki markup: comments, references, templates,
+    tables, files and categories removed; links and bold/italic replaced by their text; headings,
+    lists, indented lines and paragraphs of fewer than ``min_words`` words dropped."""
+    import re
+
+    t = re.sub(r"<!--.*?-->", "", wikitext, flags=re.S)
+    t = re.sub(r"<ref[^>]*/>", "", t)
+    t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
+    t = _drop_nested(_drop_nested(t, "{{", "}}"), "{|", "|}")
+    t = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", t)
+    t = re.sub(r"\[\[[^\]|]*\|([^\]]*)\]\]", r"\1", t)
+    t = re.sub(r"\[\[([^\]]*)\]\]", r"\1", t)
+    t = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", t)
+    t = re.sub(r"\[https?://\S+\]", "", t)
+    t = re.sub(r"'{2,}", "", t)
+    t = re.sub(r"<[^>]+>", "", t)
+    out = []
+    for line in t.split("\n"):
+        line = " ".join(line.split())
+        if line and not line.startswith(("=", "*", "#", ":", ";", "|", "!", "{", "}")) and len(line.split()) >= min_words:
+            out.append(line)
+    return out
+
+
+def wikipedia_paragraphs(path: str | Path, seed: int = 0) -> list[str]:
+    """Prose paragraphs of the articles (no redirects, namespaced pages or pages of 50 words or fewer) of a bz2 MediaWiki XML
+    dump, in an order shuffled with ``seed``: the first tokens of the corpus then come from many
+    articles, not from the first few (the dump is alphabetical)."""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(bz2.open(path)).getroot()
+    ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+    paras = []
+    for page in root.iter(f"{ns}page"):
+        title, text = page.findtext(f"{ns}title") or "", page.findtext(f"{ns}revision/{ns}text") or ""
+        if ":" in title or text.lstrip().lower().startswith("#redirect"):
+            continue
+        body = wikitext_paragraphs(text)
+        if sum(len(b.split()) for b in body) > 50:  # stubs and disambiguation pages left out
+            paras.extend(body)
+    random.Random(seed).shuffle(paras)
+    return paras
+
+
 def corpus_texts(source: str) -> list[str]:
     """English texts for ROME's key statistic, available offline.
 
     ``source = "stdlib_docs"``: the prose paragraphs of the documentation strings of
     :data:`STDLIB_DOC_MODULES` and their public classes and functions — English written by people,
     shipped with every Python (no package, no download), deterministic for a Python version.
-    It is technical English, not ROME's Wikipedia; ``Σ`` only needs to describe which directions
-    generic keys occupy, so any sizeable English text serves, and a user can point ``source`` at
-    a plain-text file (e.g. WikiText) instead: paragraphs are separated by blank lines.
+    It is technical English, not ROME's Wikipedia.
+
+    ``source = "wikipedia_sample"``: the prose paragraphs of 97 English Wikipedia articles
+    (:func:`wikipedia_paragraphs` of :data:`WIKIPEDIA_SAMPLE`, about 396,000 words), the kind of
+    text ROME's statistic was computed from. Any other ``source`` is the path of a plain-text file
+    (e.g. WikiText): paragraphs are separated by blank lines.
     """
+    if source == "wikipedia_sample":
+        if not Path(WIKIPEDIA_SAMPLE).is_file():
+            raise FileNotFoundError(f"rome.corpus 'wikipedia_sample' needs {WIKIPEDIA_SAMPLE}: fetch it with "
+                                    "scripts/fetch_wikipedia_sample.sh (make env runs it)")
+        return wikipedia_paragraphs(WIKIPEDIA_SAMPLE)
     if source != "stdlib_docs":
         path = Path(source)
         if not path.is_file():
