@@ -8,6 +8,7 @@ from mechrepro.studies.subspace_illusion.checks import corpus_file
 B = STUDIES["subspace_illusion"].results
 CIRCUIT = f"{STUDIES['ioi_generalization'].results}/circuit.json"
 FACT_LAYERS = config["facts"]["layers"]
+ROME_LAYERS = config["rome"]["layers"]  # a subset of FACT_LAYERS (checked)
 # metrics.json merges these part files: every top-level key of each is copied in.
 SUBSPACE_PARTS = [f"{B}/toy.json", f"{B}/ioi.json", f"{B}/facts.json", f"{B}/rome.json"]
 
@@ -264,7 +265,7 @@ rule facts_summary:
 rule rome_summary:
     input:
         manifest=MANIFEST,
-        layers=expand(f"{B}/rome/layer{{layer}}.json", layer=FACT_LAYERS),
+        layers=expand(f"{B}/rome/layer{{layer}}.json", layer=ROME_LAYERS),
     output:
         f"{B}/rome.json",
     log:

@@ -123,6 +123,11 @@ def corpus_words(config: dict, root: str | Path = ".") -> int | None:
 def check_layers_of(config: dict, spec: dict | None) -> None:
     name = config["model"]["name"]
     check_layers("facts.layers", config["facts"]["layers"], spec, name)
+    outside = [layer for layer in config["rome"]["layers"] if layer not in config["facts"]["layers"]]
+    if outside:
+        raise ConfigError(f"config key 'rome.layers' has {outside}, not in facts.layers {config['facts']['layers']}: "
+                          "ROME uses the key statistic computed for the sweep's layers; add them to facts.layers "
+                          "or remove them from rome.layers")
     if spec is not None and config["subspace"]["layer"] != "auto":
         # the IOI site needs name movers in a layer above it
         check_layers("subspace.layer", [config["subspace"]["layer"]], spec, name, top=spec["n_layers"] - 2,
