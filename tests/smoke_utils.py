@@ -25,6 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from mechrepro.studies import study
+from mechrepro.workflow.integrity import incomplete_files
+from mechrepro.workflow.pipeline import model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SKIP = {".git", ".venv", "results", "resources", "figures", "logs", ".snakemake", ".pytest_cache", "report.html",
@@ -304,8 +308,8 @@ def _strip_lock(lock: dict, loose: set[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The serial run, SIGKILLed at three points and completed
 
-MODEL_DIR = "resources/models/tiny-gpt2"
-IOI_RESULTS = "results/ioi_generalization"
+MODEL_DIR = model_dir("tiny-gpt2")  # the smoke config's model
+IOI_RESULTS = study("ioi_generalization").results
 KILL_REPORT: list[str] = []  # one line per kill of the serial run: when, what was under way, what was left
 
 
@@ -366,20 +370,6 @@ def assert_nothing_truncated(work: Path) -> list[str]:
     return unsigned
 
 
-def incomplete_outputs(work: Path) -> list[str]:
-    """Outputs Snakemake has marked incomplete (their job started and did not finish)."""
-    import base64
-
-    names = []
-    for p in (work / ".snakemake" / "incomplete").rglob("*"):
-        if p.is_file():
-            try:
-                names.append(base64.urlsafe_b64decode(p.name).decode())
-            except ValueError:
-                names.append(base64.b64decode(p.name).decode())
-    return sorted(names)
-
-
 def _snakemake_until(work: Path, condition, log: Path, timeout: float = 600) -> float:
     proc = popen_snakemake(work, "all", "--cores", "1", log=log)
     t0 = time.time()
@@ -412,7 +402,7 @@ def killed_serial_run(tmp_path_factory) -> Path:
         after = _snakemake_until(work, condition, log)
         unsigned = assert_nothing_truncated(work)
         KILL_REPORT.append(f"killed after {after:.1f}s during {point}; outputs marked incomplete: "
-                           f"{incomplete_outputs(work)}; artifacts without sidecar: {unsigned}")
+                           f"{sorted(incomplete_files(work))}; artifacts without sidecar: {unsigned}")
         before = {rel: sha256(p) for rel, p in output_files(work).items()}
         if i == 0:
             nxt = run([BIN / "snakemake", "all", "--cores", "1"], work, check=False)

@@ -133,7 +133,7 @@ def test_artifact_without_its_new_sidecar_is_caught_by_audit(tmp_path, monkeypat
 # at three points and completed; test_parallel.py checks that it equals the clean --cores 2 run.
 
 
-@pytest.mark.integration
+@pytest.mark.robustness
 def test_killed_serial_run_recovered(smoke_serial):
     """Every kill point was reached, the completed run left no temporary file, and the audit passes
     every artifact, sidecar and model file."""

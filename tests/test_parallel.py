@@ -62,6 +62,7 @@ def test_sidecars_have_no_absolute_paths(cores2):
             assert str(cores2) not in text and '"/' not in text, rel
 
 
+@pytest.mark.robustness
 def test_parallel_run_equals_the_serial_run(cores2, serial):
     """Two fresh directories, one and two jobs at a time: byte for byte the same results."""
     assert max_concurrent_jobs(RUN_OUTPUT["cores2"]) >= 2
@@ -76,6 +77,7 @@ def test_parallel_run_equals_the_serial_run(cores2, serial):
     assert len(files) > 100 and len(notebooks) >= 20 and f"{RESULTS}/circuit_scores.csv" in files
 
 
+@pytest.mark.robustness
 def test_parallel_run_lost_or_clobbered_nothing(cores2, serial):
     """Every output exists, every sidecar matches its file and every consumer's record of its inputs
     (the audit), each job wrote its own log, and no temporary file is left."""

@@ -286,6 +286,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "
                                     "snakemake all") from exc
     if manifest["source"]["kind"] == "hub":
         hf, tok = _load_hub(manifest["source"]["repo_id"])
+        model = Transformer.from_hf(hf)
     else:
         for fname, digest in manifest["files"].items():
             path = d / fname
@@ -300,9 +301,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "
 
             model = Transformer.from_hf(AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32))
         tok = gpt2_tokenizer() if manifest["name"] in TINY else saved_tokenizer(d)
-        return LoadedModel(manifest["name"], model.to(device=device, dtype=getattr(torch, dtype)), tok, manifest)
-    model = Transformer.from_hf(hf).to(device=device, dtype=getattr(torch, dtype))
-    return LoadedModel(manifest["name"], model, tok, manifest)
+    return LoadedModel(manifest["name"], model.to(device=device, dtype=getattr(torch, dtype)), tok, manifest)
 
 
 def saved_tokenizer(model_dir: str | os.PathLike):
