@@ -226,11 +226,11 @@ rule rome_layer:
         "logs/subspace_illusion/rome_layer/{layer}.log",
     benchmark:
         "results/benchmarks/subspace_illusion/rome_layer/{layer}.tsv"
-    conda:
-        ENV
     # The longest jobs of the study (ROME's value step: about 25-40 CPU-s per edit), so they start
     # first and the facts sweep's shorter jobs fill the other core.
     priority: 10
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
