@@ -625,9 +625,8 @@ def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[d
     f, r = Q.shape
     summary = {
         "layer": layer, "n_pairs": len(pb),
-        # fractions of pairs in float64: k/n exactly as a claim's threshold reads it (float32 made 38/40 < 0.95)
-        **{f"flip_frac_{k}": float(v.double().mean()) for k, v in flips.items()},
-        "rank1_agrees_1d": float((flips["rank1_edit"] == flips["1d"]).double().mean()),
+        **{f"flip_frac_{k}": S.fraction(v) for k, v in flips.items()},
+        "rank1_agrees_1d": S.fraction(flips["rank1_edit"] == flips["1d"]),
         "rank1_key_max_err": float(key_err.max()),
         "ld_clean": clean_mean,
         **{f"ld_{k}": float(v.mean()) for k, v in lds.items() if k != "clean"},
