@@ -122,3 +122,33 @@ def test_too_few_ablation_prompts_are_refused():
 
     with pytest.raises(Cfg.ConfigError, match=r"ablation.n_prompts is 10: .* at least 30"):
         Cfg.load(ROOT / "config" / "smoke.yaml", {"ablation.n_prompts": 10})
+
+
+def test_value_paths_follow_the_path_patching_mode(setup, tokenizer):
+    """Figure 6 path-patches as circuit.path_patching says: each exactly patched sender's effect on
+    the S-inhibition values equals the three-pass reference of Wang et al. (every other head frozen,
+    the MLPs recomputed, the receivers' value inputs replaced) under ``wang``, the MLPs frozen too
+    under ``direct``; the two differ."""
+    from test_path_patching import _naive_path_patch
+
+    model, data = setup
+    batch = to_batch(make_dataset(data, "base", 8, tokenizer, BOS, seed=2), BOS)
+    receivers = [(2, 1, "v")]
+    circuit = {"classes": {"s_inhibition": [[2, 1]], "induction": [[0, 2]]}}
+    cfg = {"confirm_top_k": 3, "batch_size": 4, "max_rows": 64}
+    as_dict = {"tokens": batch.tokens, "abc": batch.abc, "end": batch.pos["END"], "io": batch.io, "s": batch.s}
+    clean = P.logit_diff(model(batch.tokens, logits_at=batch.pos["END"]), batch.io, batch.s).mean().item()
+    frames = {}
+    for mode in ("wang", "direct"):
+        frames[mode] = df = A.value_paths(model, batch, circuit, "S2", dict(cfg, path_patching=mode),
+                                          progress=lambda s: None)
+        exact = df.dropna(subset=["effect_pct"])
+        assert len(exact) >= 3 and (0, 2) in set(zip(exact["layer"], exact["head"]))
+        for _, row in exact.iterrows():
+            ref = _naive_path_patch(model, as_dict, (int(row["layer"]), int(row["head"])), receivers, batch.pos["S2"],
+                                    freeze_mlps=mode == "direct").mean().item()
+            assert row.effect_pct == pytest.approx(100 * (ref - clean) / clean, abs=1e-3)
+    exact_w = frames["wang"].dropna(subset=["effect_pct"]).set_index(["layer", "head"]).effect_pct
+    exact_d = frames["direct"].dropna(subset=["effect_pct"]).set_index(["layer", "head"]).effect_pct
+    both = exact_w.index.intersection(exact_d.index)
+    assert (exact_w[both] - exact_d[both]).abs().max() > 1e-3

@@ -22,8 +22,8 @@ from mechrepro.studies.ioi_generalization.circuit import circuit_heads, count_ed
 from mechrepro.studies.ioi_generalization.data import Batch
 from mechrepro.core.model import Transformer
 from mechrepro.core.patching import (
-    ablation_hooks, ioi_metrics, logit_diff, path_patch, path_patch_attribution, run_end_logits,
-    sender_deltas, stack_z,
+    ablation_hooks, frozen_cache_names, frozen_run, ioi_metrics, logit_diff, path_patch, path_patch_attribution,
+    run_end_logits, sender_deltas, stack_z,
 )
 
 # Figure 5 configurations per variant: name -> tokens at which early heads are kept ("all": everywhere).
@@ -186,18 +186,23 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
                 progress: Callable[[str], None] = print) -> pd.DataFrame:
     """Figure 6: effect (% of clean LD) of each earlier head's path into the S-inhibition values.
 
-    The sender's output change (ABC - clean) at ``source_role`` (S2 or IO2) is added to the value
-    input of the S-inhibition heads at the same position. All senders are ranked by attribution;
-    the circuit's early heads and the ``confirm_top_k`` best are patched exactly.
+    Path patching from the sender's output change (ABC - clean) at ``source_role`` (S2 or IO2) into
+    the value input of the S-inhibition heads at the same position, as ``cfg["path_patching"]``
+    says (``wang``, the default: every other head frozen, the MLPs in between recomputed;
+    ``direct``: the change added as it is). All senders are ranked by attribution; the circuit's
+    early heads and the ``confirm_top_k`` best are patched exactly.
     """
     spec = model.spec
     s_inh = [tuple(x) for x in circuit["classes"].get("s_inhibition", [])]
     if not s_inh:
         return pd.DataFrame(columns=["source", "layer", "head", "class", "attribution_pct", "effect_pct"])
     end, pos = batch.pos["END"], batch.pos[source_role]
+    wang = cfg.get("path_patching", "wang") == "wang"
     names = [f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)] + \
             [f"blocks.{l}.hook_resid_pre" for l in range(spec.n_layers)]
-    logits, cache = run_end_logits(model, batch.tokens, end, batch_size=cfg["batch_size"], cache_names=names)
+    logits, cache = run_end_logits(model, batch.tokens, end, batch_size=cfg["batch_size"],
+                                   cache_names=names + (frozen_cache_names(model) if wang else []))
+    frozen = frozen_run(model, cache, pos) if wang else None
     _, cache_abc = run_end_logits(model, batch.abc, end, batch_size=cfg["batch_size"],
                                   cache_names=names[: spec.n_layers])
     z, z_abc = stack_z(model, cache), stack_z(model, cache_abc)
@@ -209,14 +214,15 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
     d = sender_deltas(model, z, z_abc, senders, pos)
     layers = [l for l, _ in senders]
     progress(f"value paths from {source_role}: attribution over {len(senders)} senders")
-    attr = path_patch_attribution(model, batch.tokens, end, batch.io, batch.s, resid_pre, d, layers, receivers, pos)
+    attr = path_patch_attribution(model, batch.tokens, end, batch.io, batch.s, resid_pre, d, layers, receivers, pos,
+                                  frozen=frozen)
     heads = circuit_heads(circuit)
     chosen = set(attr.abs().argsort(descending=True)[: cfg["confirm_top_k"]].tolist())
     chosen |= {i for i, hd in enumerate(senders) if heads.get(hd) in ("induction", "duplicate_token", "previous_token")}
     chosen = sorted(chosen)
     progress(f"value paths from {source_role}: exact patching of {len(chosen)} senders")
     ld = path_patch(model, batch.tokens, end, batch.io, batch.s, resid_pre, d[chosen], [layers[i] for i in chosen],
-                    receivers, pos, max_rows=cfg["max_rows"])
+                    receivers, pos, max_rows=cfg["max_rows"], frozen=frozen)
     exact = {i: 100 * (ld[j].mean().item() - ld0) / ld0 for j, i in enumerate(chosen)}
     return pd.DataFrame([
         {"source": source_role, "layer": l, "head": h, "class": heads.get((l, h), ""),

@@ -178,7 +178,7 @@ def ioi_value_paths(snk) -> None:
     circuit = _circuit(snk)
     lm = stage.load_model(snk)
     cfg = {**snk.config["value_paths"], "batch_size": snk.config["model"]["batch_size"],
-           "max_rows": snk.config["circuit"]["max_rows"]}
+           "max_rows": snk.config["circuit"]["max_rows"], "path_patching": snk.config["circuit"]["path_patching"]}
     batches = {Path(path).stem: _batch(path, lm, cfg["n_prompts"])[1] for path in snk.input.data}
     frame = value_paths_by_variant(lm.model, batches, circuit, cfg, progress=log.info)
     art.save_csv(snk.output[0], frame, stage.prov(snk, lm.manifest))
