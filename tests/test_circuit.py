@@ -253,6 +253,21 @@ def test_admission_records_why_the_target_is_missed():
     assert "0.600 < target 0.85" in res["reason"]
 
 
+
+def test_a_head_in_several_classes_is_a_node_of_its_strongest():
+    """20.0 moves the LD by 4% directly and by 52% through the name movers' queries: an S-inhibition
+    head, not a weak name mover (the default run's case); ties go to the earlier class."""
+    found = {"candidates": {"name_mover": [[23, 3], [20, 0]], "s_inhibition": [[20, 0], [19, 2]],
+                            "backup_name_mover": [[24, 4]], "negative_name_mover": [[24, 4]]},
+             "candidate_effects": {"name_mover": {"23.3": -0.675, "20.0": -0.044},
+                                   "s_inhibition": {"20.0": -0.521, "19.2": -0.118},
+                                   "backup_name_mover": {"24.4": -0.25}, "negative_name_mover": {"24.4": 0.25}},
+             "positions": {}}
+    nodes = C.candidate_nodes(found)
+    assert [(n["class"], tuple(n["head"])) for n in nodes] == [
+        ("name_mover", (23, 3)), ("backup_name_mover", (24, 4)), ("s_inhibition", (20, 0)), ("s_inhibition", (19, 2))]
+    assert nodes[2]["effect"] == -0.521
+
 def test_nodes_to_circuit_positions_drive_the_mask():
     circ = C.nodes_to_circuit([_node("induction", 1, 0, -0.2, ["S2", "IO1+1"]), _node("name_mover", 3, 0, -0.5)])
     assert circ["positions"] == {"1.0": ["S2", "IO1+1"]}

@@ -27,7 +27,8 @@ pass per position) and confirm the ``confirm_top_k`` best exactly (``method: att
 patch every node exactly (``method: exact``). Each class's candidates are the heads whose exact
 effect passes its threshold (strongest first, at most ``max_heads``).
 
-**Admission** (:func:`admit`): the strongest candidate of every class forms the skeleton; the other
+**Admission** (:func:`admit`): a head found in several classes counts in the one where its effect is
+largest (:func:`candidate_nodes`); the strongest candidate of every class forms the skeleton; the other
 candidates join by effect, each only if it raises the circuit's base faithfulness on the held-out
 validation prompts (also disjoint from the evaluation prompts) by at least ``min_gain``, until
 faithfulness reaches ``target_faithfulness``. The faithfulness-vs-size curve is recorded; if the
@@ -400,13 +401,22 @@ def path_patching_agreement(scores: dict[str, list[dict]]) -> dict[str, dict]:
 # ------------------------------------------------------------------ faithfulness-driven admission
 def candidate_nodes(found: dict) -> list[dict]:
     """The candidates of :func:`discover` as nodes ``{class, head, roles, effect}``, in class order
-    and strongest first within a class; a head already listed under an earlier class is skipped."""
-    nodes, seen = [], set()
-    for cls in CLASSES:
+    and strongest first within a class. A head found in several classes is a node of the class where
+    its effect is largest in absolute value (ties: the earlier class): e.g. a head whose path into
+    the name movers' queries moves the LD by 50% and whose direct path to the logits moves it by 4%
+    is an S-inhibition head, not a weak name mover."""
+    best: dict[tuple[int, int], tuple[float, int]] = {}
+    for rank, cls in enumerate(CLASSES):
         for l, h in found["candidates"].get(cls, []):
-            if (l, h) in seen:
+            size = abs(found["candidate_effects"][cls][f"{l}.{h}"])
+            if (l, h) not in best or size > best[(l, h)][0]:
+                best[(l, h)] = (size, rank)
+    nodes = []
+    for rank, cls in enumerate(CLASSES):
+        for l, h in found["candidates"].get(cls, []):
+            if best[(l, h)][1] != rank:
                 continue
-            seen.add((l, h))
+            best[(l, h)] = (best[(l, h)][0], -1)  # listed once
             nodes.append({"class": cls, "head": [l, h], "roles": found["positions"].get(f"{l}.{h}", KEPT_POSITIONS[cls]),
                           "effect": found["candidate_effects"][cls][f"{l}.{h}"]})
     return nodes
