@@ -197,7 +197,7 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
     if not s_inh:
         return pd.DataFrame(columns=["source", "layer", "head", "class", "attribution_pct", "effect_pct"])
     end, pos = batch.pos["END"], batch.pos[source_role]
-    wang = cfg.get("path_patching", "wang") == "wang"
+    wang = cfg["path_patching"] == "wang"
     names = [f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)] + \
             [f"blocks.{l}.hook_resid_pre" for l in range(spec.n_layers)]
     logits, cache = run_end_logits(model, batch.tokens, end, batch_size=cfg["batch_size"],

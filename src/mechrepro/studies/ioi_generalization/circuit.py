@@ -405,20 +405,17 @@ def candidate_nodes(found: dict) -> list[dict]:
     its effect is largest in absolute value (ties: the earlier class): e.g. a head whose path into
     the name movers' queries moves the LD by 50% and whose direct path to the logits moves it by 4%
     is an S-inhibition head, not a weak name mover."""
-    best: dict[tuple[int, int], tuple[float, int]] = {}
-    for rank, cls in enumerate(CLASSES):
-        for l, h in found["candidates"].get(cls, []):
-            size = abs(found["candidate_effects"][cls][f"{l}.{h}"])
-            if (l, h) not in best or size > best[(l, h)][0]:
-                best[(l, h)] = (size, rank)
-    nodes = []
-    for rank, cls in enumerate(CLASSES):
-        for l, h in found["candidates"].get(cls, []):
-            if best[(l, h)][1] != rank:
-                continue
-            best[(l, h)] = (best[(l, h)][0], -1)  # listed once
-            nodes.append({"class": cls, "head": [l, h], "roles": found["positions"].get(f"{l}.{h}", KEPT_POSITIONS[cls]),
-                          "effect": found["candidate_effects"][cls][f"{l}.{h}"]})
+    def size(cls: str, head: list[int]) -> float:
+        return abs(found["candidate_effects"][cls][f"{head[0]}.{head[1]}"])
+
+    home: dict[tuple[int, int], str] = {}  # head -> its class (the first class wins ties)
+    for cls in CLASSES:
+        for head in found["candidates"].get(cls, []):
+            if tuple(head) not in home or size(cls, head) > size(home[tuple(head)], head):
+                home[tuple(head)] = cls
+    nodes = [{"class": cls, "head": [l, h], "roles": found["positions"].get(f"{l}.{h}", KEPT_POSITIONS[cls]),
+              "effect": found["candidate_effects"][cls][f"{l}.{h}"]}
+             for cls in CLASSES for l, h in found["candidates"].get(cls, []) if home[(l, h)] == cls]
     return nodes
 
 
