@@ -697,11 +697,20 @@ def plot_value_paths(data: pd.DataFrame, groups=VALUE_PATH_GROUPS):
     return fig
 
 
-VALUE_PATHS_NOTE = ("Effect = 100 · (LD_patched − LD_clean) / LD_clean when the sender's output change "
-                    "(ABC − clean) "
-                    "at S2 or IO2 is added only to the value input of the S-inhibition heads at that position "
-                    "(exact path patching). Senders shown: the attribution top-k plus the circuit's early heads; "
-                    "a missing bar means the head was not patched exactly in that setting.")
+PATH_PATCHING_TEXT = {
+    "wang": "path patching as Wang et al.: every other head frozen to its clean output, the MLPs in between "
+            "recomputed, then the S-inhibition heads' value input at that position replaced by what that run gave it",
+    "direct": "the direct path: the change added only to the value input of the S-inhibition heads at that position",
+}
+
+
+def value_paths_note(art: Artifacts) -> str:
+    """Figure 6's caption note, naming the path patching used (``circuit.path_patching`` in the metrics)."""
+    mode = art.metrics.get("circuit", {}).get("path_patching", "?")
+    how = PATH_PATCHING_TEXT.get(mode, f"path patching '{mode}'")
+    return ("Effect = 100 · (LD_patched − LD_clean) / LD_clean when the sender's output change (ABC − clean) at S2 "
+            f"or IO2 is patched in ({how}). Senders shown: the attribution top-k plus the circuit's early heads; "
+            "a missing bar means the head was not patched exactly in that setting.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -830,7 +839,7 @@ def plot_curve(data: pd.DataFrame, art: Artifacts):
         ax.axhline(adm["target"], ls="--", color="black", lw=1, label=f"target {adm['target']}")
     ax.axhline(1.0, ls=":", color=RUN_COLORS["model"], lw=1, label="full model")
     for _, r in ok.iterrows():
-        if r["node"]:
+        if isinstance(r["node"], str) and r["node"]:  # the empty circuit's row has no node (NaN from the CSV)
             ax.annotate(f"{r['node']}\n{CLASS_SHORT.get(r['class'], r['class'])}", (r["size"], r.faithfulness),
                         xytext=(0, 6), textcoords="offset points", ha="center", fontsize=6)
     ax.set_xlabel("circuit size (nodes: head at its kept positions)")
