@@ -9,6 +9,7 @@ scripts/install_browser.sh  # headless Chromium for the report's browser test (D
 stamp="$VENV/.requirements.sha256"
 want=$(cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  scripts/fetch_wikipedia_sample.sh "$VENV/bin/python"  # rome.corpus 'wikipedia_sample' (a checked download)
   exit 0
 fi
 echo "setting up $VENV (python: $($PY --version))" >&2
@@ -21,4 +22,5 @@ echo "setting up $VENV (python: $($PY --version))" >&2
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
 echo "$want" > "$stamp"
+scripts/fetch_wikipedia_sample.sh "$VENV/bin/python"  # rome.corpus 'wikipedia_sample' (a checked download)
 echo "environment ready: $VENV" >&2

@@ -129,11 +129,13 @@ def discovery_setup(ioi_data, tokenizer):
     model = Transformer.from_hf(make_hf("gpt2", vocab=FULL_VOCAB, n_layers=4, seed=2))
     data = dict(ioi_data, templates=ioi_data["templates"][:2])
     batch = to_batch(make_dataset(data, "base", 8, tokenizer, 50256, seed=0), pad_id=50256)
-    cfg = {"batch_size": 8, "method": "exact", "confirm_top_k": 100, "max_rows": 64,
-           "thresholds": {c: 0.0 for c in ("name_mover", "negative_name_mover", "s_inhibition", "induction",
-                                            "duplicate_token", "previous_token")},
-           "max_heads": {"name_mover": 2, "negative_name_mover": 1, "s_inhibition": 2, "induction": 2,
-                         "duplicate_token": 2, "previous_token": 1}}
+    classes = ("name_mover", "backup_name_mover", "negative_name_mover", "s_inhibition", "induction",
+               "duplicate_token", "previous_token")
+    cfg = {"batch_size": 8, "method": "exact", "path_patching": "wang", "compare_path_patching": True,
+           "confirm_top_k": 1000, "max_rows": 64, "min_attention": 0.0,
+           "thresholds": {c: 0.0 for c in classes},
+           "max_heads": {"name_mover": 2, "backup_name_mover": 1, "negative_name_mover": 1, "s_inhibition": 2,
+                         "induction": 2, "duplicate_token": 2, "previous_token": 1}}
     return model, batch, cfg
 
 
@@ -142,48 +144,190 @@ def test_discover_runs_and_is_consistent(discovery_setup):
 
     model, batch, cfg = discovery_setup
     res = C.discover(model, batch, cfg, progress=lambda s: None)
-    assert set(res["classes"]) == set(C.CLASSES) and res["n_prompts"] == 8
+    assert set(res["candidates"]) == set(C.CLASSES) and res["n_prompts"] == 8
     clean = logit_diff(model(batch.tokens, logits_at=batch.pos["END"]), batch.io, batch.s).mean().item()
     assert res["clean_ld"] == pytest.approx(clean, abs=1e-5)
-    for cls, heads in res["classes"].items():
-        assert len(heads) <= cfg["max_heads"].get(cls, 0) + (cfg["max_heads"]["duplicate_token"]
-                                                           if cls == "induction" else 0)
+    for cls, heads in res["candidates"].items():
+        assert len(heads) <= cfg["max_heads"][cls]
         for l, h in heads:
             assert 0 <= l < 4 and 0 <= h < 4
-    # name movers: the most negative direct effects on the logits, strongest first
+    # name movers: the most negative path effects on the logits, strongest first
     eff = {(r["layer"], r["head"]): r["effect"] for r in res["scores"]["logits"]}
-    nm = [tuple(hd) for hd in res["classes"]["name_mover"]]
+    nm = [tuple(hd) for hd in res["candidates"]["name_mover"]]
     assert nm == sorted(eff, key=eff.get)[: len(nm)]
     assert len(res["scores"]["logits"]) == 16
-    # S-inhibition senders are earlier than the latest name mover
-    if nm:
-        assert all(l < max(l2 for l2, _ in nm) for l, _ in res["classes"]["s_inhibition"])
+    # backup name movers are not name movers; their score is the growth of the logit effect
+    assert not set(map(tuple, res["candidates"]["backup_name_mover"])) & set(nm)
+    # S-inhibition senders are earlier than the latest (backup) name mover
+    movers = nm + [tuple(x) for x in res["candidates"]["backup_name_mover"]]
+    if movers:
+        assert all(l < max(l2 for l2, _ in movers) for l, _ in res["candidates"]["s_inhibition"])
     # the induction / duplicate split follows the attention statistics at S2
     for key, st in res["attention_at_s2"].items():
         l, h = map(int, key.split("."))
-        if [l, h] in res["classes"]["duplicate_token"]:
+        if [l, h] in res["candidates"]["duplicate_token"]:
             assert st["S2->S1"] >= st["S2->S1+1"]
-        elif [l, h] in res["classes"]["induction"]:
+        elif [l, h] in res["candidates"]["induction"]:
             assert st["S2->S1"] < st["S2->S1+1"]
+    # position-resolved: every early candidate has measured positions from the tested roles
+    for cls in ("induction", "duplicate_token", "previous_token"):
+        for l, h in res["candidates"][cls]:
+            roles = res["positions"][f"{l}.{h}"]
+            assert roles and set(roles) <= set(C.EARLY_ROLES)
+    # both path-patching variants were compared on every exactly patched node
+    assert set(res["path_patching_agreement"]) >= {"logits", "name_mover_queries"}
 
 
 def test_discover_attribution_confirming_everything_equals_exact(discovery_setup):
     model, batch, cfg = discovery_setup
     exact = C.discover(model, batch, cfg, progress=lambda s: None)
     attr = C.discover(model, batch, dict(cfg, method="attribution"), progress=lambda s: None)
-    assert attr["classes"] == exact["classes"]
+    assert attr["candidates"] == exact["candidates"] and attr["positions"] == exact["positions"]
     for step in ("name_mover_queries", "s_inhibition_values", "induction_keys"):
-        e = {(r["layer"], r["head"]): r["effect"] for r in exact["scores"][step]}
-        a = {(r["layer"], r["head"]): r["effect"] for r in attr["scores"][step]}
+        e = {(r["layer"], r["head"], r["role"]): r["effect"] for r in exact["scores"][step]}
+        a = {(r["layer"], r["head"], r["role"]): r["effect"] for r in attr["scores"][step]}
         assert e.keys() == a.keys()
         for k in e:
             assert a[k] == pytest.approx(e[k], abs=1e-5)
 
 
+def test_discover_direct_path_is_the_other_variant(discovery_setup):
+    """The effects recorded as 'other' under wang are the direct variant's own effects."""
+    model, batch, cfg = discovery_setup
+    wang = C.discover(model, batch, cfg, progress=lambda s: None)
+    direct = C.discover(model, batch, dict(cfg, path_patching="direct"), progress=lambda s: None)
+    w = {(r["layer"], r["head"]): r["effect_other"] for r in wang["scores"]["logits"]}
+    d = {(r["layer"], r["head"]): r["effect"] for r in direct["scores"]["logits"]}
+    for k in w:
+        assert w[k] == pytest.approx(d[k], abs=1e-5)
+    assert max(abs(r["effect"] - r["effect_other"]) for r in wang["scores"]["logits"]) > 1e-3
+
+
 def test_discover_respects_duplicate_token_threshold(discovery_setup):
     model, batch, cfg = discovery_setup
+    cfg = dict(cfg, path_patching="direct")  # on this random model only the direct path finds early heads
     base = C.discover(model, batch, cfg, progress=lambda s: None)
-    assert base["classes"]["duplicate_token"]  # the setting below must matter
+    assert base["candidates"]["duplicate_token"]  # the setting below must matter
     strict = dict(cfg, thresholds=dict(cfg["thresholds"], duplicate_token=1e9))
     res = C.discover(model, batch, strict, progress=lambda s: None)
-    assert res["classes"]["duplicate_token"] == []
+    assert res["candidates"]["duplicate_token"] == []
+    unsure = C.discover(model, batch, dict(cfg, min_attention=1.01), progress=lambda s: None)
+    assert unsure["candidates"]["duplicate_token"] == [] and unsure["candidates"]["induction"] == []
+    assert all(st["class"] == "unclassified" for st in unsure["attention_at_s2"].values())
+
+
+# ------------------------------------------------------------------ faithfulness-driven admission
+def _node(cls, l, h, effect, roles=None):
+    return {"class": cls, "head": [l, h], "roles": roles or C.KEPT_POSITIONS[cls], "effect": effect}
+
+
+def test_admission_stops_at_the_target():
+    """Constructed faithfulness: each node adds a known amount; admission stops once 0.85 is reached."""
+    nodes = [_node("name_mover", 9, 0, -0.5), _node("name_mover", 9, 1, -0.3), _node("name_mover", 9, 2, -0.2),
+             _node("s_inhibition", 7, 0, -0.4), _node("s_inhibition", 7, 1, -0.25), _node("s_inhibition", 7, 2, -0.01)]
+    value = {(9, 0): 0.4, (9, 1): 0.2, (9, 2): 0.15, (7, 0): 0.2, (7, 1): 0.001, (7, 2): 0.3}
+    calls = []
+
+    def faithfulness(circuit):
+        heads = [tuple(h) for hs in circuit["classes"].values() for h in hs]
+        calls.append(heads)
+        return sum(value[h] for h in heads)
+
+    res = C.admit(nodes, faithfulness, target=0.85, min_gain=0.005, progress=lambda s: None)
+    admitted = [tuple(n["head"]) for n in res["nodes"]]
+    # skeleton (strongest per class): 9.0 and 7.0 -> 0.6; then by |effect|: 9.1 -> 0.8, 7.1 rejected
+    # (gain 0.001), 9.2 -> 0.95 >= 0.85: stop; 7.2 is never tried
+    assert admitted == [(9, 0), (7, 0), (9, 1), (9, 2)]
+    assert res["reached"] and res["faithfulness"] == pytest.approx(0.95) and res["reason"] == ""
+    tried = [r["node"] for r in res["curve"]]
+    assert tried == ["", "9.0@END", "7.0@END", "9.1@END", "7.1@END", "9.2@END"]
+    assert [r["admitted"] for r in res["curve"]] == [True, True, True, True, False, True]
+    assert not any((7, 2) in c for c in calls)
+
+
+def test_admission_records_why_the_target_is_missed():
+    nodes = [_node("name_mover", 9, 0, -0.5), _node("name_mover", 9, 1, -0.3)]
+    res = C.admit(nodes, lambda c: 0.3 * sum(len(v) for v in c["classes"].values()), target=0.85, min_gain=0.01,
+                  progress=lambda s: None)
+    assert not res["reached"] and res["faithfulness"] == pytest.approx(0.6) and res["target"] == 0.85
+    assert "0.600 < target 0.85" in res["reason"]
+
+
+
+def test_a_head_in_several_classes_is_a_node_of_its_strongest():
+    """20.0 moves the LD by 4% directly and by 52% through the name movers' queries: an S-inhibition
+    head, not a weak name mover (the default run's case); ties go to the earlier class."""
+    found = {"candidates": {"name_mover": [[23, 3], [20, 0]], "s_inhibition": [[20, 0], [19, 2]],
+                            "backup_name_mover": [[24, 4]], "negative_name_mover": [[24, 4]]},
+             "candidate_effects": {"name_mover": {"23.3": -0.675, "20.0": -0.044},
+                                   "s_inhibition": {"20.0": -0.521, "19.2": -0.118},
+                                   "backup_name_mover": {"24.4": -0.25}, "negative_name_mover": {"24.4": 0.25}},
+             "positions": {}}
+    nodes = C.candidate_nodes(found)
+    assert [(n["class"], tuple(n["head"])) for n in nodes] == [
+        ("name_mover", (23, 3)), ("backup_name_mover", (24, 4)), ("s_inhibition", (20, 0)), ("s_inhibition", (19, 2))]
+    assert nodes[2]["effect"] == -0.521
+
+def test_nodes_to_circuit_positions_drive_the_mask():
+    circ = C.nodes_to_circuit([_node("induction", 1, 0, -0.2, ["S2", "IO1+1"]), _node("name_mover", 3, 0, -0.5)])
+    assert circ["positions"] == {"1.0": ["S2", "IO1+1"]}
+    keep = C.keep_mask(circ, _batch(), 4, 3)
+    assert _kept(keep, 1, 0) == [[4, 9], [2, 8]]
+    assert _kept(keep, 3, 0) == [[11], [10]]
+    edges = C.count_edges({**circ, "classes": {**circ["classes"], "s_inhibition": [[2, 0]]}})
+    assert ((1, 0), "IO1+1", (2, 0), "v") in edges and ((1, 0), "S2", (2, 0), "v") in edges
+
+
+# ------------------------------------------------------------------ backup name movers
+class _Compensating:
+    """Mixin for a :class:`Transformer` whose head ``B`` compensates for head ``A`` of the same layer by
+    construction: B's ``z`` gets ``-z_A`` added (every position, after any hook of the caller) and
+    ``W_O[B] = W_O[A]``, so whatever A stops writing, B writes instead. Knocking A out then makes B's
+    path to the logits as strong as A's was."""
+
+    a: tuple[int, int]
+    b: tuple[int, int]
+
+    def forward(self, tokens, *, hooks=None, **kw):
+        hooks = dict(hooks or {})
+        (la, ha), (_, hb) = self.a, self.b
+        name = f"blocks.{la}.attn.hook_z"
+        user = hooks.get(name)
+
+        def fn(z):
+            out = user(z) if user else None
+            z = (z if out is None else out).clone()
+            z[:, :, hb] = z[:, :, hb] - z[:, :, ha]
+            return z
+
+        hooks[name] = fn
+        return super().forward(tokens, hooks=hooks, **kw)
+
+
+def test_backup_name_mover_found_by_knocking_out_name_movers(discovery_setup):
+    import copy
+
+    from mechrepro.core.model import Transformer
+
+    model, batch, cfg = discovery_setup
+    cfg = dict(cfg, max_heads=dict(cfg["max_heads"], name_mover=1, backup_name_mover=3))
+    plain = C.discover(model, batch, cfg, progress=lambda s: None)
+    a = tuple(plain["candidates"]["name_mover"][0])
+    eff_a = {(r["layer"], r["head"]): r["effect"] for r in plain["scores"]["logits"]}[a]
+    assert eff_a < -0.05
+    b = (a[0], 0 if a[1] else 1)
+    comp = copy.deepcopy(model)
+    comp.__class__ = type("CompensatingTransformer", (_Compensating, Transformer), {})
+    comp.a, comp.b = a, b
+    comp.p(f"blocks.{b[0]}.W_O")[b[1]] = model.p(f"blocks.{a[0]}.W_O")[a[1]]
+
+    threshold = 0.5 * abs(eff_a)
+    cfg_t = dict(cfg, thresholds=dict(cfg["thresholds"], backup_name_mover=threshold))
+    res = C.discover(comp, batch, cfg_t, progress=lambda s: None)
+    assert [tuple(h) for h in res["candidates"]["name_mover"]] == [a]
+    assert [tuple(h) for h in res["candidates"]["backup_name_mover"]] == [b]  # the only head that compensates
+    growth = {(r["layer"], r["head"]): r["effect"] for r in res["scores"]["backup"]}
+    assert growth[a] is None  # a name mover is not its own backup
+    # without the constructed compensation the same head does not qualify
+    res_plain = C.discover(model, batch, cfg_t, progress=lambda s: None)
+    assert b not in [tuple(h) for h in res_plain["candidates"]["backup_name_mover"]]

@@ -115,6 +115,9 @@ def test_cuda_without_gpu(base_cfg):
 
 def _copied_data(tmp_path, edit):
     (tmp_path / "config").mkdir()
+    if (ROOT / "resources" / "corpora").is_dir():  # rome.corpus wikipedia_sample (fetched by make env)
+        (tmp_path / "resources").mkdir()
+        (tmp_path / "resources" / "corpora").symlink_to(ROOT / "resources" / "corpora")
     for name in ("subspace_ioi_data.yaml", "facts_data.yaml"):  # Study B's, checked too
         shutil.copy(ROOT / "config" / name, tmp_path / "config")
     dst = tmp_path / "config" / "ioi_data.yaml"
@@ -162,3 +165,10 @@ def test_error_messages_name_only_real_keys(base_cfg):
     allowed = list(schema["properties"]["circuit"]["properties"]["max_heads"]["properties"])
     assert "'circuit.max_heads.nm'" in msg
     assert re.search(r"allowed keys under circuit\.max_heads: " + re.escape(", ".join(allowed)), msg)
+
+
+def test_rome_layers_must_be_sweep_layers(base_cfg):
+    """ROME reads the key statistic of the sweep's layers: a layer outside facts.layers is refused."""
+    msg = _err(_set(base_cfg, "rome.layers", [3, 4]))
+    assert "'rome.layers' has [4]" in msg and "facts.layers" in msg
+    assert C.validate(_set(base_cfg, "rome.layers", [0, 27]), root=ROOT)["rome"]["layers"] == [0, 27]

@@ -13,6 +13,7 @@ import torch
 from mechrepro.studies.subspace_illusion import facts as F
 from mechrepro.studies.subspace_illusion import rome as R
 from mechrepro.core import subspace as S
+from mechrepro.studies.subspace_illusion.metrics import ROME_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,6 +115,73 @@ def test_answer_facts_marks_the_models_top1(models):
 
 
 # ------------------------------------------------------------------ corpus
+WIKITEXT = """{{Infobox country|name=Peru|capital=[[Lima]]}}
+'''Peru''' is a country in [[South America|western South America]], bordered by [[Ecuador]] and Colombia.<ref>{{cite web|url=x}}</ref>
+== History ==
+* a list item that is long enough to count as a paragraph of prose text
+[[File:Flag of Peru.svg|thumb|The [[flag]] of Peru]]
+{| class="wikitable"
+| a table cell with many words that must never reach the corpus text at all
+|}
+Its capital is Lima, a city on the Pacific coast with about ten million people.<!-- hidden comment -->
+Short line.
+[[Category:Countries]]
+"""
+
+
+def test_wikitext_paragraphs_keep_prose_only():
+    assert F.wikitext_paragraphs(WIKITEXT) == [
+        "Peru is a country in western South America, bordered by Ecuador and Colombia.",
+        "Its capital is Lima, a city on the Pacific coast with about ten million people."]
+
+
+def _dump(path: Path, pages: list[tuple[str, str]]) -> Path:
+    import bz2
+    from xml.sax.saxutils import escape
+
+    ns = "http://www.mediawiki.org/xml/export-0.10/"
+    body = "".join(f"<page><title>{escape(t)}</title><revision><text>{escape(x)}</text></revision></page>"
+                   for t, x in pages)
+    path.write_bytes(bz2.compress(f'<mediawiki xmlns="{ns}">{body}</mediawiki>'.encode()))
+    return path
+
+
+def test_wikipedia_paragraphs_from_a_dump(tmp_path):
+    """Articles only (no redirect, namespaced page or stub), every paragraph once, in a seeded order."""
+    para = "word " * 30
+    pages = [("Peru", WIKITEXT + "\n" + para.strip()), ("Lima", "#REDIRECT [[Lima, Peru]]"),
+             ("Talk:Peru", para), ("Stub", "A stub article of only a few words, too short to use here."),
+             ("Chile", "\n".join(f"Chile paragraph {i} " + para for i in range(4)))]
+    dump = _dump(tmp_path / "d.xml.bz2", pages)
+    paras = F.wikipedia_paragraphs(dump)
+    assert len(paras) == 3 + 4 and sum(p.startswith("Chile paragraph") for p in paras) == 4
+    assert not any("stub" in p or "REDIRECT" in p for p in paras)
+    assert paras == F.wikipedia_paragraphs(dump) and sorted(paras) == sorted(F.wikipedia_paragraphs(dump, seed=1))
+
+
+def test_wikipedia_sample_missing_names_the_fetch(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from mechrepro.studies.subspace_illusion import checks
+    from mechrepro.workflow.config import ConfigError
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("facts_data.yaml", "subspace_ioi_data.yaml"):
+        (tmp_path / "config").mkdir(exist_ok=True)
+        shutil.copy(root / "config" / name, tmp_path / "config" / name)
+    config = yaml.safe_load((root / "config" / "smoke.yaml").read_text())
+    config["rome"]["corpus"] = "wikipedia_sample"
+    assert checks.corpus_file(config) == [checks.WIKIPEDIA_SAMPLE]
+    assert checks.corpus_file({"rome": {"corpus": "stdlib_docs"}}) == []
+    with pytest.raises(ConfigError, match="'rome.corpus' is wikipedia_sample.*fetch_wikipedia_sample.sh"):
+        checks.check_data_files(config, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="fetch_wikipedia_sample.sh"):
+        F.corpus_texts("wikipedia_sample")
+
+
 def test_corpus_texts_and_batches(tokenizer):
     texts = F.corpus_texts("stdlib_docs")
     assert len(texts) > 200
@@ -164,8 +232,10 @@ def test_sweep_layer_summary_and_rank1_equivalence(models, arch):
     assert summary["rank1_key_max_err"] < 1e-5
     # the null-space part of v changes nothing: its LD equals the clean LD
     assert frame.ld_null.tolist() == pytest.approx(frame.ld_clean.tolist(), abs=1e-4)
-    # flips are what the LDs say
-    assert summary["flip_frac_1d"] == pytest.approx(float((frame.ld_1d < 0).mean()))
+    # flips are what the LDs say, as exact fractions k/n (a claim compares them with thresholds like 0.95)
+    assert summary["flip_frac_1d"] == int((frame.ld_1d < 0).sum()) / len(frame)
+    agree = int(((frame.ld_rank1_edit < 0) == (frame.ld_1d < 0)).sum())
+    assert summary["rank1_agrees_1d"] == agree / len(frame)
     assert math.isclose(summary["ld_rel_1d"], frame.ld_1d.mean() / frame.ld_clean.mean(), rel_tol=1e-6)
     f, r = S.mlp_rowspace(m, layer).shape
     assert summary["random_null_norm"] == pytest.approx(math.sqrt((f - r) / f))
@@ -212,35 +282,173 @@ def test_learn_pair_directions_rows_are_independent(models):
     torch.testing.assert_close(V1[0], V[0], atol=1e-5, rtol=1e-4)
 
 
-def test_rome_edit_changes_the_target_fact(models):
+def test_sgd_sweep_recovers_a_planted_direction():
+    """A linear read-out ``LD = k · d`` and sources that differ from the bases along ``d`` only
+    (``k_src = k_base − c d``): the patched LD is ``k_base·d − c (v·d)²``, lowest at ``v = ±d``."""
+    g = torch.Generator().manual_seed(21)
+    n, f = 4, 12
+    d = torch.randn(n, f, generator=g)
+    d = d / d.norm(dim=1, keepdim=True)
+    k_base = torch.randn(n, f, generator=g)
+    k_src = k_base - 3.0 * d
+
+    def forward_fn(patched, idx):  # logits of (base object, source object)
+        ld = (patched * d[idx]).sum(1)
+        return torch.stack([ld, torch.zeros_like(ld)], dim=1)
+
+    target = torch.tensor([[0, 1]] * n)
+    V, loss = F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=200, lrs=[0.3, 0.03], seed=0,
+                                      optimizer="sgd", trials=2)
+    assert (V * d).sum(1).abs().min() > 0.999  # the planted direction, up to sign
+    torch.testing.assert_close(loss, (k_base * d).sum(1) - 3.0, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(V.norm(dim=1), torch.ones(n))
+    # the best step is kept: a run too short to get there returns the lowest loss it saw, at its direction
+    V1, loss1 = F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=3, lrs=[0.01], seed=0,
+                                        optimizer="sgd")
+    coef = ((k_src - k_base) * V1).sum(1)
+    torch.testing.assert_close(loss1, ((k_base + coef[:, None] * V1) * d).sum(1))
+    assert ((V1 * d).sum(1).abs() < 0.999).all()
+    with pytest.raises(ValueError, match="facts.optimizer"):
+        F.learn_pair_directions(k_base, k_src, forward_fn, target, steps=1, lrs=[0.1], seed=0, optimizer="lbfgs")
+    # a loss that drifts upwards with every call, whatever the direction: the first step's direction is kept
+    calls = []
+
+    def drifting(patched, idx):
+        calls.append(1)
+        return forward_fn(patched, idx) + torch.tensor([10.0 * len(calls), 0.0])
+
+    V2, loss2 = F.learn_pair_directions(k_base, k_src, drifting, target, steps=20, lrs=[0.3], seed=0, optimizer="sgd")
+    u0 = torch.randn(n, f, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(V2, u0 / u0.norm(dim=1, keepdim=True))
+    assert len(calls) == 20 and loss2.max() < 10.0 + (k_base * d).sum(1).abs().max() + 3.0
+
+
+def test_sgd_on_a_tiny_model_lowers_the_patched_ld(models):
     m = models["gpt2"]
     facts = _tiny_facts()
-    for f in facts:  # a random tiny model barely moves information between positions: edit at the last token
-        f["subject_pos"] = f["end_pos"]
+    pb = F.pair_batch(facts, F.make_pairs(facts, 4, seed=0))
+    kb, ks = F.key_at(m, 1, pb.tokens_base, pb.subj_base), F.key_at(m, 1, pb.tokens_src, pb.subj_src)
+    fwd = S.mlp_post_forward(m, 1, pb.tokens_base, pb.subj_base, pb.end_base)
+    V, loss = F.learn_pair_directions(kb, ks, fwd, pb.target, steps=30, lrs=[0.3], seed=0, optimizer="sgd")
+    V0, loss0 = F.learn_pair_directions(kb, ks, fwd, pb.target, steps=1, lrs=[0.3], seed=0, optimizer="sgd")
+    assert (loss <= loss0 + 1e-6).all() and (loss < loss0 - 1e-3).any()
+    with torch.no_grad():
+        ld = F._ld(F.patch_rows(fwd, kb, ks, V), pb.target)
+    torch.testing.assert_close(ld, loss, atol=1e-5, rtol=1e-5)
+
+
+class _Words:
+    """A word-level tokenizer for tiny models: each word (and ".") is one id below 101, BOS 0."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.setdefault(w, 1 + len(self.ids) % 100) for w in text.replace(".", " . ").split()]
+
+    def decode(self, ids: list[int]) -> str:
+        names = {v: k for k, v in self.ids.items()}
+        return " ".join(names.get(i, f"t{i}") for i in ids)
+
+
+def _word_facts(words: _Words) -> list[dict]:
+    """Facts whose subject is the prompt's last word (a random tiny model barely moves information
+    between positions, so the edit must act at the position read)."""
+    rels = {"r0": {"prompt": "alpha beta {}", "facts": {f"s{i}": f"o{i}" for i in range(4)}},
+            "r1": {"prompt": "gamma {}", "facts": {f"u{i}": f"p{i}" for i in range(4)}}}
+    facts = F.build_facts(rels, words.encode, 0)
+    for f in facts:
+        f["correct"] = True
+    return facts
+
+
+def _setup(m, layer, words, method, contexts=("delta epsilon", "zeta eta theta"), **kw):
+    hp = R.ValueParams(method=method, **({"steps": 20, "lr": 0.5, "early_stop": 0.0} | kw))
+    return F.RomeSetup(m, layer, _sigma(m, layer), 1e-3, hp, list(contexts), words.encode, 0)
+
+
+def test_rome_prompts_with_the_gpt2_tokenizer(tokenizer):
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rels = {"capital": {"prompt": "The capital city of {} is", "facts": {"South Korea": "Seoul"}}}
+    fact = F.build_facts(rels, enc, 50256)[0]
+    tokens, subj, read, n = F.rome_prompts(fact, ["I like tea", "Once upon a time"], enc, 50256)
+    assert n == 3 and len(tokens) == 4  # bare + 2 contexts, then "South Korea is a"
+    assert tokens[0, :fact["end_pos"] + 1].tolist() == fact["tokens"]
+    assert (subj[0], read[0]) == (fact["subject_pos"], fact["end_pos"])
+    assert tokens[1, 1:read[1] + 1].tolist() == enc("I like tea. The capital city of South Korea is")
+    for i in range(4):
+        assert tokens[i, 0] == 50256 and tokenizer.decode(tokens[i, subj[i]]) == " Korea"
+    assert tokenizer.decode(tokens[1:3, :].gather(1, read[1:3, None]).flatten()) == " is is"
+    assert read[3] == subj[3] and tokenizer.decode(tokens[3, 1:5]) == "South Korea is a"
+    tokens, subj, read, n = F.rome_prompts(fact, [], enc, 50256, essence=())
+    assert n == 1 and tokens.tolist() == [fact["tokens"]]
+
+
+def test_rome_layer_edits_and_diagnostics(models):
+    m = models["gpt2"]
+    words = _Words()
+    facts = _word_facts(words)
     pairs = F.make_pairs(facts, 3, seed=0)
     layer = 1
-    C = _sigma(m, layer)
-    frame, summary = F.rome_layer(m, layer, facts, pairs, C, ridge=1e-3,
-                                  value_kwargs={"steps": 40, "lr": 0.5, "weight_decay": 0.01, "clamp": 10.0})
-    assert summary["n_pairs"] == 3
-    # ROME raises the new object's probability a lot on every edited fact
-    assert (frame.p_new_rome > frame.p_new_before).all()
-    assert summary["rome"] > 0.5
-    for col in ("rome", "derived_subspace", "row_only"):
+    setup = _setup(m, layer, words, "rome")
+    frame, summary = F.rome_layer(setup, facts, pairs)
+    assert summary["n_pairs"] == 3 and summary["method"] == "rome"
+    assert (frame.p_new_rome > frame.p_new_before).all() and summary["rome"] > 0.5
+    assert (frame.n_contexts == 2).all() and (frame.steps <= 19).all()
+    assert ((frame.delta_rel <= 4.0 + 1e-5) & (frame.clamped == (frame.delta_rel > 4.0 - 1e-4))).all()
+    for col in ("rome", "derived_subspace", "row_only", "rome_delta_only"):
         assert (frame[col] <= 1.0 + 1e-9).all()
-    # and makes it the top-1 answer on the first edit
-    base, src = facts[pairs[0]["base"]], facts[pairs[0]["src"]]
-    tok = torch.tensor([base["tokens"]])
-    subj, end = torch.tensor([base["subject_pos"]]), torch.tensor([base["end_pos"]])
-    u, w, k = F.rome_rank1(m, layer, tok, subj, end, src["object_id"], C, ridge=1e-3, steps=40, lr=0.5,
-                           weight_decay=0.01, clamp=10.0)
-    with torch.no_grad():
-        before = int(m(tok, logits_at=end).argmax())
-        with R.edited(m, layer, m.p(f"blocks.{layer}.W_out") + torch.outer(u, w)):
-            after = int(m(tok, logits_at=end).argmax())
-    assert before != src["object_id"] and after == src["object_id"]
-    # the edit stores k* -> v* (the value change is delta at the edited key)
-    torch.testing.assert_close(k @ torch.outer(u, w), w, atol=1e-4, rtol=1e-4)
+    assert set(F.rome_summary(frame, layer, "rome")) >= set(ROME_KEYS)
+    json.dumps(summary, allow_nan=False)  # JSON-safe
+    checked = 0
+    for i, pair in enumerate(pairs):
+        checked += _check_rome_row(m, layer, setup, words, frame.iloc[i], facts[pair["base"]], facts[pair["src"]])
+    assert checked >= 1  # at least one edit whose clean model prefers the old object (a real alpha scan)
+
+
+def _check_rome_row(m, layer, setup, words, row, base, src) -> bool:
+    """The diagnostics of one edit, recomputed independently with full hooked forward passes."""
+    tok, subj, end = torch.tensor([base["tokens"]]), torch.tensor([base["subject_pos"]]), torch.tensor([base["end_pos"]])
+    tokens, s, read, n = F.rome_prompts(base, setup.contexts, words.encode, 0)
+    run = R.SubjectRun(m, layer, tokens, s, read)
+    res = R.compute_value(run, n, src["object_id"], setup.params)
+    assert row.delta_norm == pytest.approx(float(res.delta.norm()))
+
+    def hooked(delta):
+        with torch.no_grad():
+            return m(tok, hooks={f"blocks.{layer}.hook_mlp_out": lambda x: x.index_put(
+                (torch.tensor([0]), subj), x[0, subj] + delta)}, logits_at=end)[0]
+
+    new, old = src["object_id"], base["object_id"]
+    p0 = float(hooked(0 * res.delta).softmax(-1)[new])
+    p1 = float(hooked(res.delta).softmax(-1)[new])
+    assert row.rome_delta_only == pytest.approx(float(R.rewrite_score(p0, p1)), abs=1e-5)
+    # spill: |kᵀu| at the other positions of the prompt (the subject's own is 1)
+    u = R.rome_left(setup.C, run.keys[:n].mean(0), F.key_at(m, layer, tok, subj)[0], setup.ridge)
+    coef = R.collect_keys(m, [layer], [tok])[layer] @ u
+    assert coef[base["subject_pos"]] == pytest.approx(1.0, abs=1e-4)
+    assert row.spill_max == pytest.approx(float(coef[:base["subject_pos"]].abs().max()), rel=1e-4)
+    clean = hooked(0 * res.delta)
+    if clean[new] >= clean[old] or math.isnan(row.alpha_min_rel):
+        return False
+    a, unit = row.alpha_min_rel * float(res.delta.norm()), res.delta / res.delta.norm()
+    assert hooked(a * 1.001 * unit)[new] > hooked(a * 1.001 * unit)[old]
+    assert hooked(a * 0.99 * unit)[new] <= hooked(a * 0.99 * unit)[old]
+    return True
+
+
+def test_rome_layer_simplified_method(models):
+    m = models["llama"]
+    words = _Words()
+    facts = _word_facts(words)
+    pairs = F.make_pairs(facts, 2, seed=0)
+    frame, summary = F.rome_layer(_setup(m, 1, words, "simplified", steps=12, weight_decay=0.01, clamp=10.0),
+                                  facts, pairs)
+    assert summary["method"] == "simplified" and (frame.n_contexts == 0).all()
+    assert (frame.steps == 12).all() and not frame.stopped_early.any() and (frame.loss_kl == 0).all()
+    assert (frame.p_new_rome > frame.p_new_before).all()
+    with pytest.raises(ValueError, match="rome.method"):
+        R.ValueParams(method="sgd")
 
 
 def test_pearson():

@@ -37,6 +37,15 @@ def test_facts_and_rome_parts(smoke):
         assert set(r) == set(ROME_KEYS) and r["n_pairs"] == cfg["rome"]["n_pairs"]
         frame = pd.read_csv(smoke / FACTS_RESULTS / "rome" / f"layer{layer}.csv")
         assert r["rome"] == pytest.approx(frame.rome.mean())
+        # ROME's value step as published, with its contexts and diagnostics
+        summary = json.loads((smoke / FACTS_RESULTS / "rome" / f"layer{layer}.json").read_text())
+        n_ctx = sum(n for _, n in cfg["rome"]["context_lengths"])
+        assert summary["method"] == "rome" and len(summary["contexts"]) == n_ctx
+        assert (frame.n_contexts <= n_ctx).all() and (frame.steps <= cfg["rome"]["steps"] - 1).all()
+        assert (frame.delta_rel <= cfg["rome"]["clamp"] + 1e-4).all()
+        assert r["clamp_frac"] == pytest.approx(frame.clamped.mean())
+        for col in ("v0_norm", "gain_rel", "z_norm", "spill_max", "rome_delta_only", "alpha_min_rel"):
+            assert col in frame
         assert (smoke / FACTS_RESULTS / "rome" / "key_stats" / f"layer{layer}.safetensors").stat().st_size > 1000
     data = json.loads((smoke / FACTS_RESULTS / "facts" / "data.json").read_text())
     assert data["require_correct"] is False and len(data["pairs"]) == cfg["facts"]["n_pairs"]

@@ -28,10 +28,10 @@ def test_finish_circuit_fills_every_class_and_counts_distinct_heads():
     circuit, scores = C.finish_circuit(raw, "tiny")
     assert list(circuit["classes"]) == list(C.CLASSES) and circuit["classes"]["s_inhibition"] == []
     assert circuit["n_heads"] == 2 and circuit["model"] == "tiny" and "scores" not in circuit
-    assert list(scores.columns) == ["step", "layer", "head", "effect", "attribution"]
+    assert list(scores.columns) == C.SCORE_COLUMNS and C.SCORE_COLUMNS[:4] == ["step", "layer", "head", "role"]
     assert scores.step.tolist() == ["logits", "induction_keys"] and pd.isna(scores.attribution[0])
     _, empty = C.finish_circuit({"classes": {}, "scores": {}}, "tiny")
-    assert empty.empty and list(empty.columns) == ["step", "layer", "head", "effect", "attribution"]
+    assert empty.empty and list(empty.columns) == C.SCORE_COLUMNS
 
 
 class _Batch:

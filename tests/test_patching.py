@@ -189,18 +189,22 @@ def _resid_pre(model, cache):
 
 
 def _naive_path_patch(model, batch, delta, sender_layer, receivers, pos):
-    """Full run from layer 0 with the delta added to each later receiver head's own input."""
+    """Full run from layer 0 with each receiver head's own input replaced by the clean residual, plus
+    the delta at ``pos`` when the receiver lies above the sender (the direct path, step 3 replacing)."""
     rows = torch.arange(len(batch["tokens"]))
+    clean = {}
+    model(batch["tokens"], cache=clean, cache_names=[f"blocks.{l}.hook_resid_pre" for l, _, _ in receivers])
     by_key = {}
     for l, h, kind in receivers:
-        if l > sender_layer:
-            by_key.setdefault((l, kind), []).append(h)
+        by_key.setdefault((l, kind), []).append(h)
     hooks = {}
     for (l, kind), heads in by_key.items():
-        def fn(x, heads=heads):
+        def fn(x, l=l, heads=heads):
             x = x.clone()
             for h in heads:
-                x[rows, pos, h] = x[rows, pos, h] + delta
+                x[:, :, h] = clean[f"blocks.{l}.hook_resid_pre"]
+                if l > sender_layer:
+                    x[rows, pos, h] = x[rows, pos, h] + delta
             return x
         hooks[f"blocks.{l}.attn.hook_{kind}_input"] = fn
     return _ld(model, batch, hooks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -131,6 +132,202 @@ def test_rome_value_is_stored_at_the_key(models):
         m(prompt, cache=cache, cache_names=[f"blocks.{layer}.hook_mlp_out"])
     torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_out"][0, 5], clean + delta, atol=1e-5, rtol=1e-5)
     assert delta.norm() > 1e-2
+
+
+# ------------------------------------------------------------------ ROME's value step (compute_v)
+def _value_rows(seed=11, n_ctx=2):
+    """Rewriting rows (bare prompt, then longer "contexts" ending in the same fact) and one essence
+    row read at its subject; the subject is near the end (tiny random models barely route earlier
+    positions to the last one)."""
+    g = _g(seed)
+    fact = torch.randint(1, 101, (5,), generator=g).tolist()
+    rows = [[0, *fact]] + [[0, *torch.randint(1, 101, (2 + i,), generator=g).tolist(), *fact] for i in range(n_ctx)]
+    subj = [len(r) - 2 for r in rows]  # the fact's 4th token; read at the end (5th)
+    essence = [0, *fact[:4], 7, 8]
+    rows.append(essence)
+    subj.append(4)
+    read = [len(r) - 1 for r in rows[:-1]] + [4]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    return tokens, torch.tensor(subj), torch.tensor(read), n_ctx + 1
+
+
+def _hooked_logits(m, layer, tokens, subj, read, delta):
+    rows = torch.arange(len(tokens))
+
+    def hook(x):
+        return x.index_put((rows, subj), x[rows, subj] + delta)
+
+    return m(tokens, hooks={f"blocks.{layer}.hook_mlp_out": hook}, logits_at=read)
+
+
+def test_subject_run_matches_the_hooked_full_forward(models, arch):
+    m = models[arch]
+    tokens, subj, read, _ = _value_rows()
+    run = R.SubjectRun(m, 1, tokens, subj, read)
+    delta = torch.randn(m.spec.d_model, generator=_g(1))
+    with torch.no_grad():
+        torch.testing.assert_close(run(delta), _hooked_logits(m, 1, tokens, subj, read, delta), atol=1e-5, rtol=1e-5)
+        # one delta per row, rows repeating a cached prompt (the alpha scan)
+        many = torch.randn(3, m.spec.d_model, generator=_g(2))
+        got = run(many, torch.tensor([0, 0, 3]))
+        for i, r in enumerate((0, 0, 3)):
+            ref = _hooked_logits(m, 1, tokens[r:r + 1], subj[r:r + 1], read[r:r + 1], many[i])
+            torch.testing.assert_close(got[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+    assert (run(delta)[0] - run(0 * delta)[0]).abs().max() > 1e-3
+
+
+def _naive_rome_v(m, layer, tokens, subj, read, n, target, hp):
+    """ROME's compute_v written out plainly: full hooked forward passes, torch's kl_div as ROME calls it."""
+    import torch.nn.functional as Fn
+
+    cache = {}
+    m(tokens[:1], cache=cache, cache_names=[f"blocks.{layer}.hook_mlp_out"])
+    v0 = cache[f"blocks.{layer}.hook_mlp_out"][0, subj[0]]
+    delta = torch.zeros_like(v0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    init, losses = None, []
+    for it in range(hp.steps):
+        logp = _hooked_logits(m, layer, tokens, subj, read, delta).log_softmax(-1)
+        if init is None:
+            init = logp[n:].detach()
+        nll = -logp[:n, target].mean()
+        kl = hp.kl_factor * Fn.kl_div(init, logp[n:], log_target=True, reduction="batchmean")
+        loss = nll + kl + hp.weight_decay * torch.norm(delta) / torch.norm(v0) ** 2
+        losses.append(float(loss.detach()))
+        if loss < hp.early_stop or it == hp.steps - 1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if delta.norm() > hp.clamp * v0.norm():
+                delta[...] = delta * hp.clamp * v0.norm() / delta.norm()
+    return delta.detach(), losses
+
+
+def test_rome_value_equals_a_naive_reference_of_romes_loss(models, arch):
+    m = copy.deepcopy(models[arch]).double()
+    tokens, subj, read, n = _value_rows()
+    hp = R.ValueParams(steps=8, lr=0.1, weight_decay=0.5, clamp=4.0, kl_factor=2.0, early_stop=0.0)
+    res = R.rome_value(R.SubjectRun(m, 1, tokens, subj, read), n, 42, hp)
+    ref, losses = _naive_rome_v(m, 1, tokens, subj, read, n, 42, hp)
+    torch.testing.assert_close(res.delta, ref, atol=1e-8, rtol=1e-6)
+    assert res.losses == pytest.approx(losses, rel=1e-8)
+    assert res.steps == 7 and not res.stopped_early and len(res.losses) == 8  # the last pass only measures
+    assert res.kl > 0 and res.wd == pytest.approx(0.5 * float(res.delta.norm()) / res.v0_norm ** 2)
+    assert res.losses[-1] < res.losses[0]
+    # the squared-norm penalty of the simplified step is a different loss: a different delta
+    other = R.simplified_value(R.SubjectRun(m, 1, tokens, subj, read), n, 42, hp)
+    assert (other.delta - res.delta).abs().max() > 1e-4
+
+
+def test_rome_value_early_stop_and_clamp(models):
+    m = models["gpt2"]
+    tokens, subj, read, n = _value_rows()
+    run = R.SubjectRun(m, 1, tokens, subj, read)
+    free = R.rome_value(run, n, 42, R.ValueParams(steps=10, early_stop=0.0))
+    losses = free.losses
+    assert losses[3] < min(losses[:3])
+    thr = (losses[3] + min(losses[:3])) / 2
+    early = R.rome_value(run, n, 42, R.ValueParams(steps=10, early_stop=thr))
+    assert early.stopped_early and early.steps == 3 and early.losses == pytest.approx(losses[:4])
+    none = R.rome_value(run, n, 42, R.ValueParams(steps=10, early_stop=1e6))  # stops before any update
+    assert none.stopped_early and none.steps == 0 and float(none.delta.norm()) == 0.0
+    tight = R.rome_value(run, n, 42, R.ValueParams(steps=6, clamp=0.01, early_stop=0.0))
+    assert tight.clamped and tight.clamp_steps == tight.steps == 5
+    assert float(tight.delta.norm()) == pytest.approx(0.01 * tight.v0_norm, rel=1e-5)
+    assert not free.clamped or free.clamp_steps > 0
+
+
+def test_rome_value_kl_term_keeps_the_essence_prompt(models):
+    """The KL term holds the essence row's distribution near its clean one."""
+    m = models["llama"]
+    tokens, subj, read, n = _value_rows()
+    run = R.SubjectRun(m, 1, tokens, subj, read)
+    with torch.no_grad():
+        clean = run(torch.zeros(m.spec.d_model))[n].log_softmax(-1)
+
+    def drift(kl_factor):
+        res = R.rome_value(run, n, 42, R.ValueParams(steps=15, lr=0.2, kl_factor=kl_factor, early_stop=0.0))
+        with torch.no_grad():
+            new = run(res.delta)[n].log_softmax(-1)
+        return float((new.exp() * (new - clean)).sum()), res
+
+    free, res_free = drift(0.0)
+    held, res_held = drift(50.0)
+    assert res_free.kl == 0.0 and res_held.kl > 0
+    assert held < 0.5 * free
+
+
+def test_generate_contexts_top_k_and_seeded(models):
+    m = models["gpt2"]
+
+    def decode(ids):
+        return " ".join(map(str, ids))
+
+    texts = R.generate_contexts(m, 0, decode, [[3, 2], [5, 3]], seed=4)
+    assert [len(t.split()) for t in texts] == [2, 2, 4, 4, 4]
+    assert texts == R.generate_contexts(m, 0, decode, [[3, 2], [5, 3]], seed=4)
+    assert texts != R.generate_contexts(m, 0, decode, [[3, 2], [5, 3]], seed=5)
+    with torch.no_grad():  # every token is one of the model's top 5 after its prefix
+        for t in texts:
+            ids = [0, *map(int, t.split())]
+            logits = m(torch.tensor([ids]))[0]
+            for j in range(1, len(ids)):
+                assert ids[j] in logits[j - 1].topk(5).indices.tolist()
+
+
+def test_rome_left_stores_delta_at_the_bare_key():
+    g = _g(12)
+    f, d = 16, 6
+    W = torch.randn(f, d, generator=g, dtype=F64)
+    C = _spd(f, g)
+    k_bare, k2 = torch.randn(2, f, generator=g, dtype=F64)
+    delta = torch.randn(d, generator=g, dtype=F64)
+    k_star = (k_bare + k2) / 2
+    u = R.rome_left(C, k_star, k_bare, 0.0)
+    torch.testing.assert_close(k_bare @ (W + torch.outer(u, delta)) - k_bare @ W, delta)
+    torch.testing.assert_close(u / u.norm(), S.unit(torch.linalg.solve(C, k_star)))  # ROME's direction C⁻¹k*
+
+
+# ------------------------------------------------------------------ diagnostics
+def test_smallest_scale_constructed():
+    calls = []
+
+    def above(threshold):
+        def fn(alphas):
+            calls.append(len(alphas))
+            return alphas > threshold
+        return fn
+
+    assert R.smallest_scale(above(0.37), 2.0) == pytest.approx(0.37, abs=2.0 / 16 / 2 ** 12)
+    assert calls[0] == 16 and all(c == 1 for c in calls[1:])
+    assert math.isnan(R.smallest_scale(above(5.0), 2.0))
+    assert R.smallest_scale(above(0.0), 2.0) < 1e-3  # rewrites at any scale
+    # not monotone: the first crossing on the grid is found
+    assert R.smallest_scale(lambda a: (a > 0.3) & (a < 0.6), 2.0) == pytest.approx(0.3, abs=1e-3)
+
+
+def test_edit_geometry_constructed():
+    """W with singular values 4, 2, 1: the gain of δ is the singular value of its direction; z is δ's
+    preimage; the row fraction is ρ/‖z‖ of the source's difference."""
+    f, d = 5, 3
+    U = torch.linalg.qr(torch.randn(f, f, generator=_g(13), dtype=F64))[0][:, :d]
+    V = torch.linalg.qr(torch.randn(d, d, generator=_g(14), dtype=F64))[0]
+    W = U @ torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=F64)) @ V.T
+    k = torch.randn(f, generator=_g(15), dtype=F64)
+    for j, sv in enumerate((4.0, 2.0, 1.0)):
+        w = 3.0 * V[:, j]  # δ along one output direction
+        u = k / (k @ k)  # so that (kᵀu) w = w
+        k_src = k + 0.5 * U[:, j]
+        conv = R.rank1_edit_to_subspace(W, u, w, k, k_src)
+        geo = R.edit_geometry(W, conv, torch.eye(f, dtype=F64))
+        assert geo["gain_rel"] == pytest.approx(sv / 4.0)
+        assert geo["z_norm"] == pytest.approx(3.0 / sv)
+        assert geo["z_over_rms"] == pytest.approx(3.0 / sv)  # C = I: RMS 1 along every direction
+        assert abs(geo["row_frac"]) == pytest.approx(0.5 / (3.0 / sv))
+    assert math.isnan(R.edit_geometry(W, conv, None)["z_over_rms"])
 
 
 # ------------------------------------------------------------------ patch -> rank-1 edit

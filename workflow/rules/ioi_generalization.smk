@@ -2,6 +2,7 @@
 # Stage functions: mechrepro.studies.ioi_generalization.stages; figures: the generic figure rule.
 IOI_RESULTS = STUDIES["ioi_generalization"].results
 VARIANTS = config["ioi"]["variants"]
+MECHANISM_VARIANTS = [v for v in VARIANTS if v in ("double_io", "triple_io")]
 
 
 wildcard_constraints:
@@ -26,6 +27,52 @@ rule ioi_dataset:
         runtime=10,
     params:
         cfg=cfg("ioi_dataset"),
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_split:
+    input:
+        manifest=MANIFEST,
+        data=config["ioi"]["data_file"],
+        eval=f"{IOI_RESULTS}/data/base.json",
+    output:
+        f"{IOI_RESULTS}/data/discovery.json",
+    log:
+        "logs/ioi_generalization/ioi_split.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_split.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        cfg=cfg("ioi_split"),
+    script:
+        "../scripts/stage.py"
+
+
+rule ioi_means:
+    input:
+        manifest=MANIFEST,
+        data=config["ioi"]["data_file"],
+    output:
+        f"{IOI_RESULTS}/means/{{variant}}.safetensors",
+    log:
+        "logs/ioi_generalization/ioi_means/{variant}.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_means/{variant}.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=20,
+        gpu=GPU,
+    params:
+        cfg=cfg("ioi_means"),
     script:
         "../scripts/stage.py"
 
@@ -57,11 +104,13 @@ rule ioi_inference:
 rule ioi_circuit:
     input:
         manifest=MANIFEST,
-        data=f"{IOI_RESULTS}/data/base.json",
+        data=f"{IOI_RESULTS}/data/discovery.json",
+        means=f"{IOI_RESULTS}/means/base.safetensors",
         reference="reference/published.yaml",
     output:
         circuit=f"{IOI_RESULTS}/circuit.json",
         scores=f"{IOI_RESULTS}/circuit_scores.csv",
+        curve=f"{IOI_RESULTS}/circuit_curve.csv",
     log:
         "logs/ioi_generalization/ioi_circuit.log",
     benchmark:
@@ -83,6 +132,7 @@ rule ioi_evaluate:
     input:
         manifest=MANIFEST,
         data=f"{IOI_RESULTS}/data/{{variant}}.json",
+        means=f"{IOI_RESULTS}/means/{{variant}}.safetensors",
         circuit=f"{IOI_RESULTS}/circuit.json",
     output:
         summary=f"{IOI_RESULTS}/eval/{{variant}}.json",
@@ -153,10 +203,38 @@ rule ioi_head_patching:
         "../scripts/stage.py"
 
 
+rule ioi_mechanism:
+    input:
+        manifest=MANIFEST,
+        circuit=f"{IOI_RESULTS}/circuit.json",
+        base_inference=f"{IOI_RESULTS}/inference/base.json",
+        data=[f"{IOI_RESULTS}/data/{v}.json" for v in MECHANISM_VARIANTS],
+        means=[f"{IOI_RESULTS}/means/{v}.safetensors" for v in MECHANISM_VARIANTS],
+    output:
+        summary=f"{IOI_RESULTS}/mechanism.json",
+        runs=f"{IOI_RESULTS}/mechanism_runs.csv",
+    log:
+        "logs/ioi_generalization/ioi_mechanism.log",
+    benchmark:
+        "results/benchmarks/ioi_generalization/ioi_mechanism.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=GPU,
+    params:
+        cfg=cfg("ioi_mechanism"),
+    script:
+        "../scripts/stage.py"
+
+
 rule ioi_metrics:
     input:
         manifest=MANIFEST,
         circuit=f"{IOI_RESULTS}/circuit.json",
+        mechanism=f"{IOI_RESULTS}/mechanism.json",
         evals=expand(f"{IOI_RESULTS}/eval/{{variant}}.json", variant=VARIANTS),
         inference=expand(f"{IOI_RESULTS}/inference/{{variant}}.json", variant=VARIANTS),
     output:

@@ -3,9 +3,12 @@
 # layer for the 1-D patch sweep and for ROME -> summaries); all parts merge into metrics.json.
 # The IOI part reads Study A's circuit for the site layer (config subspace.layer: auto) and the name
 # movers. Stage functions: mechrepro.studies.subspace_illusion.stages.
+from mechrepro.studies.subspace_illusion.checks import corpus_file
+
 B = STUDIES["subspace_illusion"].results
 CIRCUIT = f"{STUDIES['ioi_generalization'].results}/circuit.json"
 FACT_LAYERS = config["facts"]["layers"]
+ROME_LAYERS = config["rome"]["layers"]  # a subset of FACT_LAYERS (checked)
 # metrics.json merges these part files: every top-level key of each is copied in.
 SUBSPACE_PARTS = [f"{B}/toy.json", f"{B}/ioi.json", f"{B}/facts.json", f"{B}/rome.json"]
 
@@ -165,7 +168,7 @@ rule facts_dataset:
 rule facts_key_stats:
     input:
         manifest=MANIFEST,
-        corpus=[] if config["rome"]["corpus"] == "stdlib_docs" else config["rome"]["corpus"],  # a text file
+        corpus=corpus_file(config),  # the corpus file (none for stdlib_docs)
     output:
         expand(f"{B}/rome/key_stats/layer{{layer}}.safetensors", layer=FACT_LAYERS),
     log:
@@ -223,6 +226,9 @@ rule rome_layer:
         "logs/subspace_illusion/rome_layer/{layer}.log",
     benchmark:
         "results/benchmarks/subspace_illusion/rome_layer/{layer}.tsv"
+    # The longest jobs of the study (ROME's value step: about 25-40 CPU-s per edit), so they start
+    # first and the facts sweep's shorter jobs fill the other core.
+    priority: 10
     conda:
         ENV
     threads: 1
@@ -262,7 +268,7 @@ rule facts_summary:
 rule rome_summary:
     input:
         manifest=MANIFEST,
-        layers=expand(f"{B}/rome/layer{{layer}}.json", layer=FACT_LAYERS),
+        layers=expand(f"{B}/rome/layer{{layer}}.json", layer=ROME_LAYERS),
     output:
         f"{B}/rome.json",
     log:

@@ -325,18 +325,25 @@ class Transformer(nn.Module):
             attn_out = attn_out + self.p(f"{pre}.b_O")
         attn_out = hook(f"{pre}.hook_attn_out", attn_out)
         x = hook(f"{pre}.hook_resid_mid", x + attn_out)
-        normed = self.norm(x, f"{pre}.ln2")
-        if spec.arch == "gpt2":
+        mlp_out = hook(f"{pre}.hook_mlp_out", self.mlp(layer, x, hook))
+        return hook(f"{pre}.hook_resid_post", x + mlp_out)
+
+    def mlp(self, layer: int, resid_mid: Tensor, hook=None) -> Tensor:
+        """The MLP block's output (its norm included) for the residual stream after attention
+        ``resid_mid [..., d]`` of ``layer``; ``hook(name, x)`` sees ``blocks.{layer}.mlp.hook_post``."""
+        pre = f"blocks.{layer}"
+        normed = self.norm(resid_mid, f"{pre}.ln2")
+        if self.spec.arch == "gpt2":
             pre_act = normed @ self.p(f"{pre}.W_in") + self.p(f"{pre}.b_in")
             post = nn.functional.gelu(pre_act, approximate="tanh")
         else:
             post = nn.functional.silu(normed @ self.p(f"{pre}.W_gate")) * (normed @ self.p(f"{pre}.W_in"))
-        post = hook(f"{pre}.mlp.hook_post", post)
-        mlp_out = post @ self.p(f"{pre}.W_out")
+        if hook is not None:
+            post = hook(f"{pre}.mlp.hook_post", post)
+        out = post @ self.p(f"{pre}.W_out")
         if self.has(f"{pre}.b_out"):
-            mlp_out = mlp_out + self.p(f"{pre}.b_out")
-        mlp_out = hook(f"{pre}.hook_mlp_out", mlp_out)
-        return hook(f"{pre}.hook_resid_post", x + mlp_out)
+            out = out + self.p(f"{pre}.b_out")
+        return out
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -233,9 +233,15 @@ def fldd(ld_patched: Tensor, ld_clean: Tensor) -> float:
     return float(100.0 * (1.0 - ld_patched.mean() / ld_clean.mean()))
 
 
+def fraction(mask: Tensor) -> float:
+    """The fraction of ``True`` in ``mask``, exactly ``k / n`` (float64: in float32, 38 of 40 reads 0.94999999,
+    below a claim's threshold of 0.95)."""
+    return float(mask.double().mean())
+
+
 def interchange_accuracy(logits: Tensor, expected: Tensor) -> float:
     """Fraction of rows whose argmax over the whole vocabulary is the ``expected`` token."""
-    return float((logits.argmax(-1) == expected).float().mean())
+    return fraction(logits.argmax(-1) == expected)
 
 
 # ------------------------------------------------------------------ baselines

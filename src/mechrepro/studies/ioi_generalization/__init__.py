@@ -49,6 +49,11 @@ FIGURES = {
     "fig8_name_order": Figure("Fig. 8", _per_variant("eval/{v}_prompts.csv")),
     "head_patching_attribution": Figure("attribution vs exact patching",
                                         _files("metrics.json", "head_patching.csv", "head_patching.json")),
+    "circuit_faithfulness_curve": Figure("faithfulness-driven admission (issue: a faithful circuit)",
+                                         _files("metrics.json", "circuit_curve.csv")),
+    "mechanism_test": Figure("S2 hacking tested in the full model", _files("metrics.json", "mechanism.json",
+                                                                         "mechanism_runs.csv"),
+                             enabled=lambda config: any(v in _variants(config) for v in ("double_io", "triple_io"))),
 }
 
 
@@ -64,9 +69,13 @@ def _circuit_text(config: dict) -> str:
         source = "reference" if config["model"]["name"] == "gpt2" else "discover"
     if source == "reference":
         return "Circuit: Wang et al.'s published GPT-2 small circuit (no discovery)."
-    how = (f"senders ranked by attribution patching, the top {c['confirm_top_k']} confirmed exactly"
-           if c["method"] == "attribution" else "every sender patched exactly")
-    return f"Circuit: discovered by path patching on {c['n_prompts']} base prompts ({how})."
+    how = (f"(head, position) nodes ranked by attribution patching, the top {c['confirm_top_k']} per step confirmed "
+           "exactly" if c["method"] == "attribution" else "every node patched exactly")
+    pp = ("Wang et al.'s path patching (other heads frozen, MLPs recomputed)" if c["path_patching"] == "wang"
+          else "direct-path patching (MLPs frozen too)")
+    return (f"Circuit: discovered by {pp} on {c['n_prompts']} base prompts of the discovery split ({how}); nodes "
+            f"admitted until the faithfulness on {c['n_validation']} held-out prompts reaches "
+            f"{c['target_faithfulness']}.")
 
 
 def _n_text(config: dict, fig: str) -> str:
@@ -79,6 +88,11 @@ def _n_text(config: dict, fig: str) -> str:
         return f"N = the first {min(n, config['value_paths']['n_prompts'])} prompts of each variant."
     if fig == "head_patching_attribution":
         return f"N = {config['head_patching']['n_prompts']} base prompts."
+    if fig == "circuit_faithfulness_curve":
+        return f"N = {config['circuit']['n_validation']} held-out base prompts of the discovery split."
+    if fig == "mechanism_test":
+        return (f"N = the first {min(n, config['mechanism']['n_prompts'])} prompts of each variant; "
+                f"{config['mechanism']['n_controls']} random control draws.")
     return f"N = {n} prompts per variant (ABBA/BABA balanced)."
 
 
@@ -90,9 +104,13 @@ def caption(config: dict, fig: str) -> str:
     lines = [f"Study A figure ``{fig}`` (Nainani et al. 2024, {FIGURES[fig].paper}). {model}", _n_text(config, fig)]
     if fig != "head_patching_attribution":
         lines.append(_circuit_text(config))
+    if fig == "mechanism_test":
+        lines.append(f"Ablation: mean ablation of the circuit's duplicate-token and induction heads at IO2/IO3 and its "
+                     f"previous-token heads at IO1+1 only, means over {config['ablation']['n_prompts']} ABC prompts "
+                     "of the variant per template.")
     if fig in ABLATION_FIGURES:
         lines.append(f"Ablation: {config['ablation']['kind']} ablation of every head and position outside the circuit, "
-                     "means over the variant's ABC prompts per template.")
+                     f"means over {config['ablation']['n_prompts']} ABC prompts of the variant per template.")
     return "\n".join(lines + ["The plotted numbers are in the CSV beside the PNG."])
 
 
@@ -103,9 +121,18 @@ def check_config(config: dict, root: str) -> None:
 
     from mechrepro.studies.ioi_generalization.checks import check_counts, check_single_token_names, load_ioi_data
 
+    from mechrepro.workflow.config import ConfigError
+
     data_path = Path(root) / config["ioi"]["data_file"]
-    check_single_token_names(load_ioi_data(data_path), data_path, config, root)
+    data = load_ioi_data(data_path)
+    check_single_token_names(data, data_path, config, root)
     check_counts(config, root)
+    need = 2 * len(data["templates"])
+    if config["ablation"]["n_prompts"] < need:
+        raise ConfigError(f"ablation.n_prompts is {config['ablation']['n_prompts']}: the means are taken per template, "
+                          f"and {data_path} has {len(data['templates'])} templates (prompt i uses template i // 2), so "
+                          f"at least {need} ABC prompts are needed for every template to have a mean; set "
+                          f"ablation.n_prompts to {need} or more")
 
 
 STUDY = Study(
@@ -115,9 +142,12 @@ STUDY = Study(
     paper="Nainani et al. 2024, Adaptive Circuit Behavior and Generalization in Mechanistic Interpretability",
     rules={
         "ioi_dataset": ["seed", "ioi"],
+        "ioi_split": ["seed", "ioi", "circuit.n_prompts", "circuit.n_validation"],
+        "ioi_means": ["seed", "model", "ioi.data_file", "ioi.min_single_token_names", "ablation.n_prompts"],
         "ioi_inference": ["model", "ioi"],
         "ioi_circuit": ["seed", "model", "circuit"],
         "ioi_evaluate": ["model", "ablation", "ioi"],
+        "ioi_mechanism": ["seed", "model", "mechanism", "ioi"],
         "ioi_value_paths": ["model", "circuit", "value_paths"],
         "ioi_head_patching": ["model", "circuit.max_rows", "head_patching"],
         "ioi_metrics": ["model.name"],

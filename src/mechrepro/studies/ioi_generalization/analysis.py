@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -22,8 +22,8 @@ from mechrepro.studies.ioi_generalization.circuit import circuit_heads, count_ed
 from mechrepro.studies.ioi_generalization.data import Batch
 from mechrepro.core.model import Transformer
 from mechrepro.core.patching import (
-    ablation_hooks, ioi_metrics, logit_diff, path_patch, path_patch_attribution, run_end_logits,
-    sender_deltas, stack_z, template_means,
+    ablation_hooks, frozen_cache_names, frozen_run, ioi_metrics, logit_diff, path_patch, path_patch_attribution,
+    run_end_logits, sender_deltas, stack_z,
 )
 
 # Figure 5 configurations per variant: name -> tokens at which early heads are kept ("all": everywhere).
@@ -71,15 +71,15 @@ def inference_table(batch: Batch, m: dict[str, torch.Tensor], variant: str, mode
     return frame, summary
 
 
-def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: str, batch_size: int,
-                     progress: Callable[[str], None] = print) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict]:
-    """Model vs circuit on one variant.
+def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: str, means: dict[int, torch.Tensor],
+                     batch_size: int, progress: Callable[[str], None] = print
+                     ) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict]:
+    """Model vs circuit on one variant; ``means``: template -> mean ``z`` over the variant's ABC sample.
 
     Returns ``(summary, per_prompt, attention, example)``: the summary dict (LDs, faithfulness,
     accuracy, by name order, restored configurations, edges), per-prompt LDs, per-prompt per-head
     attention (model and circuit), and one example attention row of the top S-inhibition head.
     """
-    spec = model.spec
     heads = circuit_heads(circuit)
     layers = sorted({l for l, _ in heads})
     pat_names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
@@ -88,10 +88,6 @@ def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: s
     progress(f"{variant}: model run")
     logits, cache_model = run_end_logits(model, batch.tokens, end, batch_size=batch_size, cache_names=pat_names)
     m = ioi_metrics(logits, batch.io, batch.s)
-    progress(f"{variant}: ABC run (means for ablation)")
-    _, cache_abc = run_end_logits(model, batch.abc, end, batch_size=batch_size,
-                                  cache_names=[f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)])
-    means = template_means(stack_z(model, cache_abc), batch.template)
 
     progress(f"{variant}: circuit run")
     c_logits, cache_circ = circuit_run(model, batch, circuit, means, batch_size, names=pat_names)
@@ -104,7 +100,7 @@ def evaluate_variant(model: Transformer, batch: Batch, circuit: dict, variant: s
     return summary, per_prompt, attention, example
 
 
-def circuit_run(model: Transformer, batch: Batch, circuit: dict, means: torch.Tensor, batch_size: int,
+def circuit_run(model: Transformer, batch: Batch, circuit: dict, means: dict[int, torch.Tensor], batch_size: int,
                 restore=None, names=()) -> tuple[torch.Tensor, dict]:
     """END logits (and the cached ``names``) of the circuit: every head and position outside it
     mean-ablated with ``means`` (per template), early heads kept at ``restore`` (:func:`keep_mask`)."""
@@ -138,7 +134,7 @@ def _model_vs_circuit(batch: Batch, circuit: dict, variant: str, m: dict, c: dic
     return summary, per_prompt
 
 
-def restored_paths(model: Transformer, batch: Batch, circuit: dict, variant: str, means: torch.Tensor,
+def restored_paths(model: Transformer, batch: Batch, circuit: dict, variant: str, means: dict[int, torch.Tensor],
                    model_ld: float, batch_size: int, progress: Callable[[str], None] = print) -> dict:
     """Figure 5: the circuit's LD, faithfulness and edges with the early heads also kept at the other
     name tokens (:data:`RESTORE_CONFIGS` of ``variant``; none for the base variant)."""
@@ -190,18 +186,23 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
                 progress: Callable[[str], None] = print) -> pd.DataFrame:
     """Figure 6: effect (% of clean LD) of each earlier head's path into the S-inhibition values.
 
-    The sender's output change (ABC - clean) at ``source_role`` (S2 or IO2) is added to the value
-    input of the S-inhibition heads at the same position. All senders are ranked by attribution;
-    the circuit's early heads and the ``confirm_top_k`` best are patched exactly.
+    Path patching from the sender's output change (ABC - clean) at ``source_role`` (S2 or IO2) into
+    the value input of the S-inhibition heads at the same position, as ``cfg["path_patching"]``
+    says (``wang``, the default: every other head frozen, the MLPs in between recomputed;
+    ``direct``: the change added as it is). All senders are ranked by attribution; the circuit's
+    early heads and the ``confirm_top_k`` best are patched exactly.
     """
     spec = model.spec
     s_inh = [tuple(x) for x in circuit["classes"].get("s_inhibition", [])]
     if not s_inh:
         return pd.DataFrame(columns=["source", "layer", "head", "class", "attribution_pct", "effect_pct"])
     end, pos = batch.pos["END"], batch.pos[source_role]
+    wang = cfg["path_patching"] == "wang"
     names = [f"blocks.{l}.attn.hook_z" for l in range(spec.n_layers)] + \
             [f"blocks.{l}.hook_resid_pre" for l in range(spec.n_layers)]
-    logits, cache = run_end_logits(model, batch.tokens, end, batch_size=cfg["batch_size"], cache_names=names)
+    logits, cache = run_end_logits(model, batch.tokens, end, batch_size=cfg["batch_size"],
+                                   cache_names=names + (frozen_cache_names(model) if wang else []))
+    frozen = frozen_run(model, cache, pos) if wang else None
     _, cache_abc = run_end_logits(model, batch.abc, end, batch_size=cfg["batch_size"],
                                   cache_names=names[: spec.n_layers])
     z, z_abc = stack_z(model, cache), stack_z(model, cache_abc)
@@ -213,14 +214,15 @@ def value_paths(model: Transformer, batch: Batch, circuit: dict, source_role: st
     d = sender_deltas(model, z, z_abc, senders, pos)
     layers = [l for l, _ in senders]
     progress(f"value paths from {source_role}: attribution over {len(senders)} senders")
-    attr = path_patch_attribution(model, batch.tokens, end, batch.io, batch.s, resid_pre, d, layers, receivers, pos)
+    attr = path_patch_attribution(model, batch.tokens, end, batch.io, batch.s, resid_pre, d, layers, receivers, pos,
+                                  frozen=frozen)
     heads = circuit_heads(circuit)
     chosen = set(attr.abs().argsort(descending=True)[: cfg["confirm_top_k"]].tolist())
     chosen |= {i for i, hd in enumerate(senders) if heads.get(hd) in ("induction", "duplicate_token", "previous_token")}
     chosen = sorted(chosen)
     progress(f"value paths from {source_role}: exact patching of {len(chosen)} senders")
     ld = path_patch(model, batch.tokens, end, batch.io, batch.s, resid_pre, d[chosen], [layers[i] for i in chosen],
-                    receivers, pos, max_rows=cfg["max_rows"])
+                    receivers, pos, max_rows=cfg["max_rows"], frozen=frozen)
     exact = {i: 100 * (ld[j].mean().item() - ld0) / ld0 for j, i in enumerate(chosen)}
     return pd.DataFrame([
         {"source": source_role, "layer": l, "head": h, "class": heads.get((l, h), ""),
@@ -290,21 +292,133 @@ def head_patching(model: Transformer, batch: Batch, top_k: int, max_rows: int,
     return frame, summary
 
 
+# ------------------------------------------------------------------------------ the mechanism test
+# Where S2 hacking says the base circuit loses the IO tokens' paths: the duplicate-token and induction
+# heads at the extra IO mentions, the previous-token heads at IO1+1.
+MECHANISM_ROLES = {"early": ("IO2", "IO3"), "previous_token": ("IO1+1",)}
+
+
+def _ablate_cells(batch: Batch, heads: list[tuple[int, int]], roles: Sequence[str], keep: torch.Tensor) -> None:
+    rows = torch.arange(len(batch))
+    for role in roles:
+        pos = batch.pos[role]
+        ok = pos >= 0
+        for l, h in heads:
+            keep[rows[ok], pos[ok], l, h] = False
+
+
+def mechanism_keep(batch: Batch, early: list[tuple[int, int]], previous: list[tuple[int, int]],
+                   n_layers: int, n_heads: int) -> torch.Tensor:
+    """``[b, p, L, h]`` keep mask of the full model with ``early`` heads ablated at IO2 and IO3 (where
+    the prompt has them) and ``previous`` heads at IO1+1 (:data:`MECHANISM_ROLES`)."""
+    b, p = batch.tokens.shape
+    keep = torch.ones(b, p, n_layers, n_heads, dtype=torch.bool)
+    _ablate_cells(batch, early, MECHANISM_ROLES["early"], keep)
+    _ablate_cells(batch, previous, MECHANISM_ROLES["previous_token"], keep)
+    return keep
+
+
+def mechanism_test(model: Transformer, batch: Batch, circuit: dict, means: dict[int, torch.Tensor], variant: str,
+                   base_ld: float, n_controls: int, seed: int, batch_size: int,
+                   progress: Callable[[str], None] = print) -> tuple[dict, pd.DataFrame]:
+    """S2 hacking tested in the full model, without evaluating a circuit.
+
+    Mean-ablates (means over the variant's ABC sample, per template) only what S2 hacking says the
+    base circuit loses: the circuit's duplicate-token and induction heads at IO2 (and IO3), its
+    previous-token heads at IO1+1; everything else runs normally. If the mechanism exists, the
+    model's LD moves toward its base LD (the extra IO mentions stop counting as duplicated). The
+    control ablates as many random other heads at the same positions, ``n_controls`` draws
+    (seeded). Returns the summary (LDs, change, share of the gap to the base LD closed, controls)
+    and one row per run.
+    """
+    spec = model.spec
+    classes = circuit["classes"]
+    early = [tuple(x) for c in ("duplicate_token", "induction") for x in classes.get(c, [])]
+    previous = [tuple(x) for x in classes.get("previous_token", [])]
+    end = batch.pos["END"]
+
+    def ld_of(early_heads, prev_heads) -> float:
+        keep = mechanism_keep(batch, early_heads, prev_heads, spec.n_layers, spec.n_heads)
+        hooks_fn = None if keep.all() else (lambda sl: ablation_hooks(model, keep[sl], means, batch.template[sl]))
+        logits, _ = run_end_logits(model, batch.tokens, end, batch_size=batch_size, hooks_fn=hooks_fn)
+        return logit_diff(logits, batch.io, batch.s).mean().item()
+
+    progress(f"{variant}: mechanism test, model run")
+    model_ld = ld_of([], [])
+    rows = [{"run": "model", "draw": -1, "heads": "", "ld": model_ld}]
+    summary = {"variant": variant, "n": len(batch), "model_ld": model_ld, "base_model_ld": base_ld,
+               "early_heads": [list(h) for h in early], "previous_token_heads": [list(h) for h in previous]}
+    if not early and not previous:
+        summary.update(testable=False, reason="the circuit has no duplicate-token, induction or previous-token head")
+        return summary, pd.DataFrame(rows)
+    progress(f"{variant}: mechanism test, {len(early)} duplicate/induction and {len(previous)} previous-token heads")
+    ablated = ld_of(early, previous)
+    rows.append({"run": "mechanism", "draw": -1, "heads": _heads_text(early, previous), "ld": ablated})
+    tested = set(early) | set(previous)
+    others = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads) if (l, h) not in tested]
+    gen = torch.Generator().manual_seed(seed)
+    controls = []
+    for i in range(n_controls):
+        pick = [others[j] for j in torch.randperm(len(others), generator=gen)[: len(early) + len(previous)].tolist()]
+        c_early, c_prev = pick[: len(early)], pick[len(early):]
+        controls.append(ld_of(c_early, c_prev) - model_ld)
+        rows.append({"run": "control", "draw": i, "heads": _heads_text(c_early, c_prev), "ld": model_ld + controls[-1]})
+    gap = base_ld - model_ld
+    change = ablated - model_ld
+    ctrl = torch.tensor(controls) if controls else torch.zeros(0)
+    summary.update(
+        testable=True, ablated_ld=ablated, change=change, gap_to_base=gap,
+        gap_closed=change / gap if abs(gap) > 1e-9 else float("nan"),
+        control_changes=controls, control_mean=ctrl.mean().item() if controls else float("nan"),
+        control_std=ctrl.std().item() if len(controls) > 1 else float("nan"),
+        control_max=ctrl.max().item() if controls else float("nan"),
+        share_of_controls_below=(ctrl < change).float().mean().item() if controls else float("nan"))
+    return summary, pd.DataFrame(rows)
+
+
+def _heads_text(early, previous) -> str:
+    return " ".join([f"{l}.{h}@IO" for l, h in early] + [f"{l}.{h}@IO1+1" for l, h in previous])
+
+
 # --------------------------------------------------------------------------------------- metrics
 EVAL_KEYS = ("model_ld", "circuit_ld", "faithfulness", "accuracy", "p_io", "n")
 
 
-def study_metrics(circuit: dict, evals: dict[str, dict], manifest: dict, n_prompts: int, ablation: dict) -> dict:
+MECHANISM_KEYS = ("testable", "model_ld", "base_model_ld", "ablated_ld", "change", "gap_to_base", "gap_closed",
+                  "control_mean", "control_std", "control_max", "share_of_controls_below", "early_heads",
+                  "previous_token_heads", "n")
+
+
+def ratios(evals: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per variant: the model's LD and the circuit's faithfulness relative to the base variant's
+    (the paper: 2.118 / 3.484 = 0.61 and 1.285 / 0.895 = 1.44 on DoubleIO)."""
+    base = evals.get("base")
+    if base is None:
+        return {}
+    return {v: {"model_ld_ratio": e["model_ld"] / base["model_ld"],
+                "faithfulness_ratio": e["faithfulness"] / base["faithfulness"]} for v, e in evals.items()}
+
+
+def study_metrics(circuit: dict, evals: dict[str, dict], manifest: dict, n_prompts: int, ablation: dict,
+                  mechanism: dict | None = None) -> dict:
     """``metrics.json`` of Study A: the circuit, and per variant (``evals``: variant → the summary of
-    :func:`evaluate_variant`) model vs circuit, the restored paths and the Table 2 row."""
+    :func:`evaluate_variant`) model vs circuit, the ratios to the base variant, the restored paths,
+    the Table 2 row and the mechanism test (``mechanism``: variant → :func:`mechanism_test`'s summary)."""
+    circuit_info = {"n_heads": circuit["n_heads"], "source": circuit["source"], "classes": circuit["classes"],
+                    "positions": circuit.get("positions", {})}
+    for key in ("admission", "path_patching", "path_patching_agreement"):
+        if key in circuit:
+            circuit_info[key] = circuit[key]
     return {
+        "ratios": ratios(evals),
+        "mechanism": {v: {k: m[k] for k in MECHANISM_KEYS if k in m} for v, m in (mechanism or {}).items()},
         "model": circuit["model"],
         "model_description": manifest["description"],
         "n_prompts": n_prompts,
         "circuit_method": circuit["method"],
         "ablation": ablation,
         "variants": {v: {k: e[k] for k in EVAL_KEYS} for v, e in evals.items()},
-        "circuit": {"n_heads": circuit["n_heads"], "source": circuit["source"], "classes": circuit["classes"]},
+        "circuit": circuit_info,
         "restored": {v: {k: r["ld"] for k, r in e["restored"].items()} for v, e in evals.items() if e["restored"]},
         "restored_faithfulness": {v: {k: r["faithfulness"] for k, r in e["restored"].items()}
                                   for v, e in evals.items() if e["restored"]},

@@ -127,6 +127,12 @@ BOUNDS = [
     Bound("ioi.n_prompts", fixed(10_000), work_cost(_passes(8), "forward passes in ioi_evaluate (8 per prompt and variant)")),
     Bound("circuit.n_prompts", fixed(2_000), work_cost(lambda c, v: v * (2 + 2 * c["circuit"]["confirm_top_k"]),
                                                        "forward passes per path-patching step of the discovery")),
+    Bound("circuit.n_validation", fixed(2_000), work_cost(lambda c, v: v * (2 + sum(c["circuit"]["max_heads"].values())),
+                                                          "forward passes of the admission (one per candidate)")),
+    Bound("ablation.n_prompts", fixed(100_000), work_cost(lambda c, v: v * len(c["ioi"]["variants"]),
+                                                          "forward passes in ioi_means (one per ABC prompt and variant)")),
+    Bound("mechanism.n_controls", fixed(1_000), work_cost(lambda c, v: (v + 2) * c["mechanism"]["n_prompts"] * 2,
+                                                          "forward passes in ioi_mechanism")),
     Bound("head_patching.n_prompts", fixed(2_000), work_cost(lambda c, v: v * (c["head_patching"]["confirm_all_positions"] + 3),
                                                              "forward passes in ioi_head_patching")),
     Bound("value_paths.n_prompts", fixed(5_000),
@@ -138,10 +144,12 @@ BOUNDS = [
     *(Bound(key, _heads, _heads_cost) for key in (
         "circuit.confirm_top_k", "value_paths.confirm_top_k", "head_patching.top_k",
         "head_patching.confirm_all_positions", *(f"circuit.max_heads.{c}" for c in (
-            "name_mover", "negative_name_mover", "s_inhibition", "induction", "duplicate_token", "previous_token")))),
+            "name_mover", "backup_name_mover", "negative_name_mover", "s_inhibition", "induction", "duplicate_token",
+            "previous_token")))),
 ]
 
 
 def check_counts(config: dict, root: str | Path = ".") -> None:
     """Every count of Study A within its bound (:class:`mechrepro.workflow.config.Bound`)."""
     check_bounds(config, BOUNDS, model_spec(config["model"]["name"], root))
+

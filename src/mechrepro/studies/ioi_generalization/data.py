@@ -206,3 +206,42 @@ def to_batch(dataset: dict, pad_id: int) -> Batch:
     return Batch(tok, abc, pos, torch.tensor([p["io_token"] for p in prompts]),
                  torch.tensor([p["s_token"] for p in prompts]),
                  torch.tensor([p["template"] for p in prompts]), [p["order"] for p in prompts])
+
+
+# Seeds of the prompt sets besides the evaluation prompts (``seed`` + offset): the discovery split and
+# the ABC sample of the ablation means are drawn from their own streams.
+DISCOVERY_SEED_OFFSET = 1_000_003
+ABLATION_SEED_OFFSET = 2_000_003
+
+
+def discovery_split(data: dict, n: int, tokenizer, bos_id: int, seed: int, exclude: dict,
+                    min_names: int = 10) -> dict:
+    """``n`` base prompts for circuit discovery, disjoint from the evaluation prompts ``exclude``.
+
+    Drawn like :func:`make_dataset` from the seed ``seed + DISCOVERY_SEED_OFFSET``; a prompt whose
+    text (or whose ABC text) is also an evaluation prompt's is dropped and another is drawn, so
+    no discovery prompt is evaluated. ``n_dropped`` records how many were dropped.
+    """
+    taken = {p["text"] for p in exclude["prompts"]} | {p["abc_text"] for p in exclude["prompts"]}
+    draw = 2 * n + 2
+    while True:
+        ds = make_dataset(data, "base", draw, tokenizer, bos_id, seed + DISCOVERY_SEED_OFFSET, min_names)
+        kept = [p for p in ds["prompts"] if p["text"] not in taken and p["abc_text"] not in taken]
+        if len(kept) >= n:
+            break
+        if draw > 64 * n + len(taken):
+            raise DatasetError(f"only {len(kept)} of {draw} discovery prompts differ from the evaluation prompts; "
+                               "add names, places or objects to the ioi data file")
+        draw *= 2
+    prompts = [dict(p, id=i) for i, p in enumerate(kept[:n])]
+    return dict(ds, n=n, seed=seed + DISCOVERY_SEED_OFFSET, prompts=prompts, n_dropped=len(ds["prompts"]) - len(kept),
+                split="discovery")
+
+
+def abc_sample(data: dict, variant: str, n: int, tokenizer, bos_id: int, seed: int,
+               min_names: int = 10) -> tuple[list[list[int]], list[int]]:
+    """``n`` ABC prompts of ``variant`` (tokens and template ids) for the ablation means, drawn from
+    the seed ``seed + ABLATION_SEED_OFFSET`` (not the evaluation prompts' ABC partners)."""
+    ds = make_dataset(data, variant, n, tokenizer, bos_id, seed + ABLATION_SEED_OFFSET, min_names)
+    return [p["abc_tokens"] for p in ds["prompts"]], [p["template"] for p in ds["prompts"]]
+

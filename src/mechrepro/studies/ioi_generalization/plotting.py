@@ -46,10 +46,11 @@ RESTORE_ORDER = ("s2_only", "io2_only", "io3_only", "s2_io2", "s2_io2_io3", "all
 RESTORE_LABELS = {"s2_only": "S2 only\n(base circuit)", "io2_only": "IO2 only", "io3_only": "IO3 only",
                   "s2_io2": "S2 + IO2", "s2_io2_io3": "S2 + IO2\n+ IO3", "all": "all tokens"}
 DISCOVERY_STEPS = {
-    "logits": "1. head → logits at END\n(direct effect)",
-    "name_mover_queries": "2. head → name-mover queries\nat END",
-    "s_inhibition_values": "3. head → S-inhibition values\nat S2",
-    "induction_keys": "4. head → induction keys\nat S1+1",
+    "logits": "1. head → logits at END",
+    "backup": "2. growth of 1 with the\nname movers knocked out",
+    "name_mover_queries": "3. head → (backup) name-mover\nqueries at END",
+    "s_inhibition_values": "4. head → S-inhibition values\n(best position)",
+    "induction_keys": "5. head → induction keys\n(best position)",
 }
 VALUE_PATH_GROUPS = (("base", "S2"), ("double_io", "S2"), ("double_io", "IO2"))
 VALUE_PATH_COLORS = {("base", "S2"): "#7f7f7f", ("double_io", "S2"): "#3b6fb6", ("double_io", "IO2"): "#c44e52",
@@ -59,7 +60,10 @@ ATTENTION_COLUMNS = ["prompt", "order", "head", "layer", "head_index", "class", 
                      "attn_incorrect"]
 PROMPT_COLUMNS = ["prompt", "order", "template", "model_ld", "circuit_ld", "model_correct", "model_p_io",
                   "circuit_correct"]
-SCORE_COLUMNS = ["step", "layer", "head", "effect", "attribution"]
+SCORE_COLUMNS = ["step", "layer", "head", "role", "effect", "effect_other", "attribution", "effect_knocked_out",
+                 "effect_clean"]
+CURVE_COLUMNS = ["step", "node", "class", "size", "faithfulness", "gain", "admitted", "stage"]
+MECHANISM_RUN_COLUMNS = ["run", "draw", "heads", "ld", "variant"]
 VALUE_PATH_COLUMNS = ["variant", "source", "layer", "head", "class", "attribution_pct", "effect_pct"]
 
 
@@ -195,6 +199,10 @@ def discovery_data(art: Artifacts) -> pd.DataFrame:
     exact = scores["effect"].notna()
     scores["value"] = scores["effect"].where(exact, scores["attribution"])
     scores["value_kind"] = np.where(exact, "exact", np.where(scores["attribution"].notna(), "attribution", ""))
+    # position-resolved steps: one cell per head, its strongest position (an exact value before an estimate)
+    scores["_rank"] = list(zip(scores.value_kind != "exact", -scores.value.abs().fillna(-1)))
+    scores = scores.sort_values("_rank", kind="stable").drop_duplicates(["step", "layer", "head"]).drop(columns="_rank")
+    scores = scores.sort_values(["step", "layer", "head"], kind="stable").reset_index(drop=True)
     scores["classes"] = ["/".join(classes.get((int(l), int(h)), [])) for l, h in zip(scores.layer, scores["head"])]
     return scores
 
@@ -205,8 +213,8 @@ def plot_discovery(data: pd.DataFrame, art: Artifacts):
     n_heads = int(max([data["head"].max() if len(data) else -1] + [h for _, h in classes] + [0])) + 1
     # No discovery scores at all (reference circuit, or an empty table): one map of the circuit heads.
     steps = list(DISCOVERY_STEPS) if data.value.notna().any() else [None]
-    ncols = 1 if steps == [None] else 4 if n_layers >= 1.5 * n_heads else 2
-    nrows = len(steps) // ncols
+    ncols = 1 if steps == [None] else 5 if n_layers >= 1.5 * n_heads else 3
+    nrows = -(-len(steps) // ncols)
     cell = 0.32
     pw, ph = max(6.0 if ncols == 1 else 3.2, n_heads * cell + 1.6), max(3.0, n_layers * cell + 1.3)
     fig, axes = plt.subplots(nrows, ncols, figsize=(pw * ncols, ph * nrows), constrained_layout=True,
@@ -215,6 +223,8 @@ def plot_discovery(data: pd.DataFrame, art: Artifacts):
     cmap.set_bad("#e6e6e6")
     label_size = max(5.0, min(8.0, cell * 72 * 0.32))
     source = art.metrics.get("circuit", {}).get("source")
+    for ax in axes.ravel()[len(steps):]:
+        ax.set_axis_off()
     for ax, step in zip(axes.ravel(), steps):
         d = data[data.step == step]
         grid = np.full((n_layers, n_heads), np.nan)
@@ -264,7 +274,8 @@ def discovery_note(data: pd.DataFrame) -> str:
     if not data.value.notna().any():
         return "Labels mark circuit heads: " + CLASS_KEY + "."
     return ("Colour: relative change of the mean logit difference, (LD_patched − LD_clean)/LD_clean, when the head's "
-            "output at the marked position is replaced by its ABC-prompt value along that path only. "
+            "output is replaced by its ABC-prompt value along that path only (Wang et al.'s path patching unless "
+            "circuit.path_patching is direct; steps 4-5: the head's strongest position). "
             + ("Outlined cells: exact path patching; other cells: attribution (gradient) estimate. " if mixed else "")
             + "Grey: not a sender for that step. Labels mark circuit heads: " + CLASS_KEY + ".")
 
@@ -686,11 +697,20 @@ def plot_value_paths(data: pd.DataFrame, groups=VALUE_PATH_GROUPS):
     return fig
 
 
-VALUE_PATHS_NOTE = ("Effect = 100 · (LD_patched − LD_clean) / LD_clean when the sender's output change "
-                    "(ABC − clean) "
-                    "at S2 or IO2 is added only to the value input of the S-inhibition heads at that position "
-                    "(exact path patching). Senders shown: the attribution top-k plus the circuit's early heads; "
-                    "a missing bar means the head was not patched exactly in that setting.")
+PATH_PATCHING_TEXT = {
+    "wang": "path patching as Wang et al.: every other head frozen to its clean output, the MLPs in between "
+            "recomputed, then the S-inhibition heads' value input at that position replaced by what that run gave it",
+    "direct": "the direct path: the change added only to the value input of the S-inhibition heads at that position",
+}
+
+
+def value_paths_note(art: Artifacts) -> str:
+    """Figure 6's caption note, naming the path patching used (``circuit.path_patching`` in the metrics)."""
+    mode = art.metrics.get("circuit", {}).get("path_patching", "?")
+    how = PATH_PATCHING_TEXT.get(mode, f"path patching '{mode}'")
+    return ("Effect = 100 · (LD_patched − LD_clean) / LD_clean when the sender's output change (ABC − clean) at S2 "
+            f"or IO2 is patched in ({how}). Senders shown: the attribution top-k plus the circuit's early heads; "
+            "a missing bar means the head was not patched exactly in that setting.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -783,3 +803,107 @@ def plot_head_patching(data: pd.DataFrame, summary: dict):
     suptitle(fig, "Attribution patching vs exact activation patching of every head (clean run, ABC head output patched in)")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Faithfulness-driven admission: faithfulness against circuit size
+
+
+def curve_data(art: Artifacts) -> pd.DataFrame:
+    """circuit_curve.csv: one row per tried node (the skeleton, then admission by effect)."""
+    return art.csv("circuit_curve.csv", CURVE_COLUMNS)
+
+
+def curve_note(art: Artifacts) -> str:
+    adm = art.metrics.get("circuit", {}).get("admission") or {}
+    if not adm:
+        return "No admission: the circuit was not discovered (reference circuit)."
+    status = ("reached" if adm.get("reached") else f"not reached: {adm.get('reason', '')}")
+    return (f"Faithfulness = circuit LD / model LD on {adm.get('n_validation', '?')} held-out base prompts of the discovery "
+            f"split (not evaluated elsewhere). Skeleton: the strongest candidate of each class; then candidates by "
+            f"effect, admitted if they raise faithfulness by at least {adm.get('min_gain', '?')}. Target "
+            f"{adm.get('target', '?')}: {status}")
+
+
+def plot_curve(data: pd.DataFrame, art: Artifacts):
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), constrained_layout=True)
+    adm = art.metrics.get("circuit", {}).get("admission") or {}
+    if data.empty:
+        no_data(ax, "no admission curve (reference circuit)")
+        return fig
+    ok = data[data.admitted.astype(str).str.lower() == "true"]
+    rejected = data[data.admitted.astype(str).str.lower() != "true"]
+    ax.plot(ok["size"], ok.faithfulness, "-o", color=RUN_COLORS["circuit"], label="admitted")
+    ax.scatter(rejected["size"] + 1, rejected.faithfulness, marker="x", color="#7f7f7f", label="tried, rejected")
+    if "target" in adm:
+        ax.axhline(adm["target"], ls="--", color="black", lw=1, label=f"target {adm['target']}")
+    ax.axhline(1.0, ls=":", color=RUN_COLORS["model"], lw=1, label="full model")
+    for _, r in ok.iterrows():
+        if isinstance(r["node"], str) and r["node"]:  # the empty circuit's row has no node (NaN from the CSV)
+            ax.annotate(f"{r['node']}\n{CLASS_SHORT.get(r['class'], r['class'])}", (r["size"], r.faithfulness),
+                        xytext=(0, 6), textcoords="offset points", ha="center", fontsize=6)
+    ax.set_xlabel("circuit size (nodes: head at its kept positions)")
+    ax.set_ylabel("base faithfulness (held-out)")
+    ax.legend(loc="lower right", fontsize=8)
+    suptitle(fig, "Faithfulness-driven admission: faithfulness against circuit size")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The mechanism test: S2 hacking in the full model
+
+
+def mechanism_data(art: Artifacts) -> pd.DataFrame:
+    """Per variant: the model LD, the LD with the circuit's duplicate/induction heads ablated at the IO
+    mentions and its previous-token heads at IO1+1, the control draws, and the base LD."""
+    runs = art.csv("mechanism_runs.csv", MECHANISM_RUN_COLUMNS)
+    mech = art.json("mechanism.json", default={}).get("variants", {})
+    rows = []
+    for v, m in mech.items():
+        for _, r in runs[runs.variant == v].iterrows():
+            rows.append({"variant": v, "run": r.run, "draw": r.draw, "ld": r.ld, "change": r.ld - m["model_ld"],
+                         "base_model_ld": m["base_model_ld"]})
+    return pd.DataFrame(rows, columns=["variant", "run", "draw", "ld", "change", "base_model_ld"])
+
+
+def plot_mechanism(data: pd.DataFrame):
+    variants = [v for v in VARIANTS if v in set(data.variant)]
+    fig, axes = plt.subplots(1, max(1, len(variants)), figsize=(4.6 * max(1, len(variants)), 4.2),
+                             constrained_layout=True, squeeze=False)
+    if not variants:
+        no_data(axes[0, 0], "no DoubleIO / TripleIO variant configured")
+        return fig
+    for ax, v in zip(axes[0], variants):
+        d = data[data.variant == v]
+        model = d[d.run == "model"].ld.iloc[0]
+        mech = d[d.run == "mechanism"].ld
+        ctrl = d[d.run == "control"].ld
+        base = d.base_model_ld.iloc[0]
+        xs, labels = [0], ["full model"]
+        bars = [model]
+        if len(mech):
+            xs.append(1)
+            labels.append("IO paths\nablated")
+            bars.append(mech.iloc[0])
+        b = ax.bar(xs, bars, color=[RUN_COLORS["model"], "#c44e52"][: len(bars)])
+        _bar_labels(ax, b, bars)
+        if len(ctrl):
+            ax.bar([2], [ctrl.mean()], yerr=[ctrl.std() if len(ctrl) > 1 else 0], color="#bbbbbb", capsize=4)
+            ax.scatter(np.full(len(ctrl), 2.0), ctrl, s=10, color="black", zorder=3)
+            labels.append(f"random heads\n({len(ctrl)} draws)")
+            xs.append(2)
+        ax.axhline(base, ls="--", color="black", lw=1, label=f"model LD on base ({base:.2f})")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("logit difference")
+        ax.set_title(VARIANT_LABELS.get(v, v))
+        ax.legend(loc="lower right", fontsize=7)
+    suptitle(fig, "S2 hacking in the full model: ablating the IO mentions' duplicate-detection paths")
+    return fig
+
+
+def mechanism_note() -> str:
+    return ("The circuit's duplicate-token and induction heads are mean-ablated at IO2 (and IO3) and its previous-token "
+            "heads at IO1+1, everything else runs; the control ablates as many random other heads at the same positions. "
+            "S2 hacking predicts the LD moves toward the base LD.")
+

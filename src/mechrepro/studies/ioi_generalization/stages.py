@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
@@ -55,6 +56,52 @@ def ioi_dataset(snk) -> None:
     art.save_json(snk.output[0], ds, stage.prov(snk, lm.manifest))
 
 
+def ioi_split(snk) -> None:
+    from mechrepro.core.registry import load_model
+    from mechrepro.studies.ioi_generalization.data import discovery_split
+
+    stage.setup(snk)
+    cfg, ioi = snk.config["circuit"], snk.config["ioi"]
+    lm = load_model(Path(snk.input.manifest).parent)
+    ds = discovery_split(load_ioi_data(snk.input.data), cfg["n_prompts"] + cfg["n_validation"], lm.tokenizer,
+                         lm.bos_id, snk.config["seed"], art.read_json(snk.input.eval), ioi["min_single_token_names"])
+    ds["model"], ds["n_search"], ds["n_validation"] = lm.name, cfg["n_prompts"], cfg["n_validation"]
+    log.info("discovery split: %d prompts (%d for ranking, %d held out for admission), %d dropped as evaluation "
+             "prompts", ds["n"], cfg["n_prompts"], cfg["n_validation"], ds["n_dropped"])
+    art.save_json(snk.output[0], ds, stage.prov(snk, lm.manifest))
+
+
+def ioi_means(snk) -> None:
+    from mechrepro.core.patching import template_means_batched
+    from mechrepro.core.tokens import pad
+    from mechrepro.studies.ioi_generalization.data import abc_sample
+
+    stage.setup(snk)
+    lm = stage.load_model(snk)
+    n = snk.config["ablation"]["n_prompts"]
+    tokens, templates = abc_sample(load_ioi_data(snk.input.data), snk.wildcards.variant, n, lm.tokenizer, lm.bos_id,
+                                   snk.config["seed"], snk.config["ioi"]["min_single_token_names"])
+    t = time.time()
+    with torch.no_grad():
+        means = template_means_batched(lm.model, pad(tokens, lm.bos_id), torch.tensor(templates),
+                                       snk.config["model"]["batch_size"])
+    log.info("%s: means of every head's z over %d ABC prompts, %d templates (%.1fs)", snk.wildcards.variant, n,
+             len(means), time.time() - t)
+    art.save_safetensors(snk.output[0], means_to_tensors(means, templates), stage.prov(snk, lm.manifest))
+
+
+def means_to_tensors(means: dict[int, torch.Tensor], templates: list[int]) -> dict[str, torch.Tensor]:
+    """The per-template means as one ``means [T, p, L, h, e]`` tensor (template ids ``templates``, prompt counts)."""
+    ids = sorted(means)
+    return {"means": torch.stack([means[t] for t in ids]), "templates": torch.tensor(ids),
+            "counts": torch.tensor([templates.count(t) for t in ids])}
+
+
+def _means(path: str) -> dict[int, torch.Tensor]:
+    tensors, _ = art.load_safetensors(path, keys=["means", "templates"], rule="ioi_means")
+    return {int(t): m for t, m in zip(tensors["templates"].tolist(), tensors["means"])}
+
+
 def ioi_inference(snk) -> None:
     from mechrepro.core.patching import ioi_metrics, run_end_logits
     from mechrepro.studies.ioi_generalization.analysis import inference_table
@@ -70,29 +117,36 @@ def ioi_inference(snk) -> None:
 
 
 def ioi_circuit(snk) -> None:
-    from mechrepro.studies.ioi_generalization.circuit import (check_circuit, circuit_source, discover,
-                                                              finish_circuit, reference_circuit)
+    from mechrepro.studies.ioi_generalization.circuit import (CURVE_COLUMNS, build_circuit, check_circuit,
+                                                              circuit_source, finish_circuit, reference_circuit)
 
     stage.setup(snk)
     cfg = snk.config["circuit"]
     name = snk.config["model"]["name"]
     manifest = art.read_json(snk.input.manifest)
+    curve = pd.DataFrame(columns=CURVE_COLUMNS)
     if circuit_source(cfg["source"], name) == "reference":
         circuit = reference_circuit(yaml.safe_load(Path(snk.input.reference).read_text())["study_a"]["wang_circuit"],
                                     name)
         check_circuit(circuit, manifest["spec"], f"{snk.input.reference} (study_a.wang_circuit)")
     else:
         lm = stage.load_model(snk)
-        ds, batch = _batch(snk.input.data, lm, cfg["n_prompts"])
+        ds, batch = _batch(snk.input.data, lm)
+        search, validation = batch.subset(range(cfg["n_prompts"])), batch.subset(range(cfg["n_prompts"], len(batch)))
         t = time.time()
-        circuit = discover(lm.model, batch, {**cfg, "batch_size": snk.config["model"]["batch_size"]}, progress=log.info)
-        log.info("discovery took %.1fs", time.time() - t)
+        circuit, curve = build_circuit(lm.model, search, validation, _means(snk.input.means),
+                                       {**cfg, "batch_size": snk.config["model"]["batch_size"]}, progress=log.info)
+        log.info("discovery and admission took %.1fs; held-out faithfulness %.3f (target %.2f%s)", time.time() - t,
+                 circuit["admission"]["faithfulness"], cfg["target_faithfulness"],
+                 "" if circuit["admission"]["reached"] else f"; {circuit['admission']['reason']}")
+        log.info("path patching, wang vs direct: %s", circuit["path_patching_agreement"])
     circuit, scores = finish_circuit(circuit, manifest["name"])
-    log.info("circuit (%d heads): %s", circuit["n_heads"],
-             {c: [f"{l}.{h}" for l, h in v] for c, v in circuit["classes"].items()})
+    log.info("circuit (%d heads): %s; positions %s", circuit["n_heads"],
+             {c: [f"{l}.{h}" for l, h in v] for c, v in circuit["classes"].items()}, circuit["positions"])
     prov = stage.prov(snk, manifest)
     art.save_json(snk.output.circuit, circuit, prov)
     art.save_csv(snk.output.scores, scores, prov)
+    art.save_csv(snk.output.curve, curve.reindex(columns=CURVE_COLUMNS), prov)
 
 
 def ioi_evaluate(snk) -> None:
@@ -104,7 +158,8 @@ def ioi_evaluate(snk) -> None:
     ds, batch = _batch(snk.input.data, lm)
     with torch.no_grad():
         summary, per_prompt, attention, example = evaluate_variant(
-            lm.model, batch, circuit, snk.wildcards.variant, snk.config["model"]["batch_size"], progress=log.info)
+            lm.model, batch, circuit, snk.wildcards.variant, _means(snk.input.means), snk.config["model"]["batch_size"],
+            progress=log.info)
     example["token_strings"] = [lm.tokenizer.decode([t]) for t in example.get("tokens", [])]
     summary["example_attention"] = example
     summary["model"] = lm.name
@@ -123,7 +178,7 @@ def ioi_value_paths(snk) -> None:
     circuit = _circuit(snk)
     lm = stage.load_model(snk)
     cfg = {**snk.config["value_paths"], "batch_size": snk.config["model"]["batch_size"],
-           "max_rows": snk.config["circuit"]["max_rows"]}
+           "max_rows": snk.config["circuit"]["max_rows"], "path_patching": snk.config["circuit"]["path_patching"]}
     batches = {Path(path).stem: _batch(path, lm, cfg["n_prompts"])[1] for path in snk.input.data}
     frame = value_paths_by_variant(lm.model, batches, circuit, cfg, progress=log.info)
     art.save_csv(snk.output[0], frame, stage.prov(snk, lm.manifest))
@@ -145,6 +200,31 @@ def ioi_head_patching(snk) -> None:
     stage.save_table_and_summary(snk, frame, summary, lm.manifest)
 
 
+def ioi_mechanism(snk) -> None:
+    from mechrepro.studies.ioi_generalization.analysis import mechanism_test
+
+    stage.setup(snk)
+    circuit = _circuit(snk)
+    lm = stage.load_model(snk)
+    cfg = snk.config["mechanism"]
+    base_ld = art.read_json(snk.input.base_inference)["pooled"]["ld"]
+    summaries, frames = {}, []
+    for data, means in zip(snk.input.data, snk.input.means):
+        variant = Path(data).stem
+        ds, batch = _batch(data, lm, cfg["n_prompts"])
+        with torch.no_grad():
+            summary, frame = mechanism_test(lm.model, batch, circuit, _means(means), variant, base_ld, cfg["n_controls"],
+                                            snk.config["seed"], snk.config["model"]["batch_size"], progress=log.info)
+        log.info("%s: LD %.3f -> %.3f with the IO paths ablated (change %s; controls mean %s, max %s)", variant,
+                 summary["model_ld"], summary.get("ablated_ld", float("nan")), summary.get("change"),
+                 summary.get("control_mean"), summary.get("control_max"))
+        summaries[variant] = summary
+        frames.append(frame.assign(variant=variant))
+    prov = stage.prov(snk, lm.manifest)
+    art.save_json(snk.output.summary, {"model": lm.name, "variants": summaries}, prov)
+    art.save_csv(snk.output.runs, pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), prov)
+
+
 def ioi_metrics(snk) -> None:
     from mechrepro.studies.ioi_generalization.analysis import study_metrics
 
@@ -152,5 +232,6 @@ def ioi_metrics(snk) -> None:
     circuit = art.read_json(snk.input.circuit)
     evals = {Path(p).stem: art.read_json(p) for p in snk.input.evals}
     manifest = art.read_json(snk.input.manifest)
-    metrics = study_metrics(circuit, evals, manifest, snk.config["ioi"]["n_prompts"], snk.config["ablation"])
+    mechanism = art.read_json(snk.input.mechanism)["variants"]
+    metrics = study_metrics(circuit, evals, manifest, snk.config["ioi"]["n_prompts"], snk.config["ablation"], mechanism)
     art.save_json(snk.output[0], metrics, stage.prov(snk, manifest))

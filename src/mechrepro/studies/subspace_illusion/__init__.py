@@ -30,12 +30,14 @@ def _manifest(config: dict) -> str:
 
 
 def _facts_inputs(summary: str, per_layer: str | None, reference: bool):
-    """The facts figures: the dataset (model, filtering), one summary, optionally the per-layer CSVs,
-    the model's manifest (its description and number of layers) and the paper's curves."""
+    """The facts figures: the dataset (model, filtering), one summary, optionally the per-layer CSVs
+    (of ``facts.layers``, or ``rome.layers`` for ROME's), the model's manifest (its description and
+    number of layers) and the paper's curves."""
     def inputs(config: dict) -> list[str]:
         files = [f"{B}/facts/data.json", f"{B}/{summary}", _manifest(config)]
         if per_layer:
-            files += [f"{B}/{per_layer}/layer{layer}.csv" for layer in config["facts"]["layers"]]
+            layers = config["rome" if per_layer == "rome" else "facts"]["layers"]
+            files += [f"{B}/{per_layer}/layer{layer}.csv" for layer in layers]
         return files + ([REFERENCE] if reference else [])
     return inputs
 
@@ -71,7 +73,7 @@ def caption(config: dict, fig: str) -> str:
         lines = [head, model, f"Up to {f['n_pairs']} fact pairs (same relation, different objects{known}); layers "
                               f"{', '.join(map(str, f['layers']))}."]
         if fig == "rome_rewrite":
-            lines.append(f"{r['n_pairs']} ROME edits per layer.")
+            lines.append(f"{r['n_pairs']} ROME edits per layer, on layers {', '.join(map(str, r['layers']))}.")
         if fig != "facts_null_norm":
             lines.append(f"Key statistic (the MLP keys' second moment) from {r['corpus_tokens']} tokens of "
                          f"``{r['corpus']}``.")
@@ -108,11 +110,13 @@ STUDY = Study(
         "facts_dataset": ["seed", "model", "facts.data_file", "facts.counterfact_file", "facts.require_correct",
                           "facts.n_pairs", "facts.min_pairs"],
         "facts_key_stats": ["model", "rome.corpus", "rome.corpus_tokens", "rome.chunk_tokens"],
-        "facts_layer": ["seed", "model", "facts.steps", "facts.lrs"],
-        "rome_layer": ["model", "rome.n_pairs", "rome.steps", "rome.lr", "rome.weight_decay", "rome.clamp",
+        "facts_layer": ["seed", "model", "facts.optimizer", "facts.steps", "facts.lrs", "facts.trials",
+                        "facts.lr_end_factor"],
+        "rome_layer": ["seed", "model", "rome.n_pairs", "rome.method", "rome.steps", "rome.lr", "rome.weight_decay",
+                       "rome.clamp", "rome.kl_factor", "rome.early_stop", "rome.contexts", "rome.context_lengths",
                        "rome.ridge"],
         "facts_summary": ["model.name"],
-        "rome_summary": ["model.name"],
+        "rome_summary": ["model.name", "rome.layers"],
         "subspace_metrics": ["model.name"],
     },
     figures=FIGURES,

@@ -3,7 +3,8 @@
 * the data files: the IOI pair templates (``subspace_ioi.data_file``), the fact material
   (``facts.data_file``: relations with one ``{}`` and string subjects and objects), the optional
   CounterFact JSON (``facts.counterfact_file``: JSON that parses, CounterFact records) and the
-  key-statistic corpus (``rome.corpus``: ``stdlib_docs`` or a non-empty UTF-8 text file);
+  key-statistic corpus (``rome.corpus``: ``stdlib_docs``, ``wikipedia_sample`` (its file fetched)
+  or a non-empty UTF-8 text file);
 * layer indices against the model's shape (:func:`mechrepro.workflow.config.model_spec`, without
   loading it): every layer of ``facts.layers`` (the fact sweep, ROME and the key statistic), and
   ``subspace.layer``, which needs a layer above it for the name movers;
@@ -45,7 +46,12 @@ def check_data_files(config: dict, root: str | Path) -> None:
     if config["facts"]["counterfact_file"]:
         check_counterfact(root, config["facts"]["counterfact_file"], load_counterfact)
     corpus = config["rome"]["corpus"]
-    if corpus != "stdlib_docs":
+    if corpus == "wikipedia_sample":
+        if not (root / WIKIPEDIA_SAMPLE).is_file():
+            raise ConfigError(f"config key 'rome.corpus' is wikipedia_sample, but {WIKIPEDIA_SAMPLE} is missing: "
+                              "fetch it with scripts/fetch_wikipedia_sample.sh (make env runs it), or set the key "
+                              "to stdlib_docs")
+    elif corpus != "stdlib_docs":
         check_corpus(root, corpus)
 
 
@@ -85,11 +91,28 @@ def check_corpus(root: Path, name: str) -> None:
 STDLIB_DOCS_WORDS = 40_000
 
 
+# rome.corpus 'wikipedia_sample': English Wikipedia articles (CC BY-SA) from the test data of the gensim
+# package, a MediaWiki XML dump fetched by scripts/fetch_wikipedia_sample.sh (run by `make env`).
+WIKIPEDIA_SAMPLE = "resources/corpora/enwiki-sample.xml.bz2"
+
+
+def corpus_file(config: dict) -> list[str]:
+    """The file ``rome.corpus`` reads (the key statistic's rule input), or none for ``stdlib_docs``."""
+    corpus = config["rome"]["corpus"]
+    return [] if corpus == "stdlib_docs" else [WIKIPEDIA_SAMPLE if corpus == "wikipedia_sample" else corpus]
+
+
+# Words in the paragraphs that rome.corpus 'wikipedia_sample' reads (395,753; the file is pinned by its sha256)
+WIKIPEDIA_SAMPLE_WORDS = 395_000
+
+
 def corpus_words(config: dict, root: str | Path = ".") -> int | None:
     """Words in the key-statistic corpus: a lower bound of its tokens for any tokenizer."""
     corpus = config["rome"]["corpus"]
     if corpus == "stdlib_docs":
         return STDLIB_DOCS_WORDS
+    if corpus == "wikipedia_sample":
+        return WIKIPEDIA_SAMPLE_WORDS
     path = Path(root) / corpus
     try:
         return len(path.read_text(encoding="utf-8").split())
@@ -100,6 +123,11 @@ def corpus_words(config: dict, root: str | Path = ".") -> int | None:
 def check_layers_of(config: dict, spec: dict | None) -> None:
     name = config["model"]["name"]
     check_layers("facts.layers", config["facts"]["layers"], spec, name)
+    outside = [layer for layer in config["rome"]["layers"] if layer not in config["facts"]["layers"]]
+    if outside:
+        raise ConfigError(f"config key 'rome.layers' has {outside}, not in facts.layers {config['facts']['layers']}: "
+                          "ROME uses the key statistic computed for the sweep's layers; add them to facts.layers "
+                          "or remove them from rome.layers")
     if spec is not None and config["subspace"]["layer"] != "auto":
         # the IOI site needs name movers in a layer above it
         check_layers("subspace.layer", [config["subspace"]["layer"]], spec, name, top=spec["n_layers"] - 2,
@@ -123,6 +151,15 @@ def _fact_bytes(c: dict, s: dict, v: int) -> float:
     return activation_bytes(s, v, FACT_TOKENS, dtype_bytes(c), backward=True)
 
 
+def _rome_rows(c: dict) -> int:
+    """Prompts per step of ROME's value optimisation: the bare prompt, the contexts and the essence prompt."""
+    r = c["rome"]
+    if r["method"] != "rome":
+        return 1
+    n = len(r["contexts"]) if isinstance(r["contexts"], list) else sum(n for _, n in r["context_lengths"])
+    return n + 2
+
+
 BOUNDS = [
     Bound("subspace_ioi.n_train", fixed(10_000), work_cost(lambda c, v: v * c["subspace_ioi"]["epochs"],
                                                            "forward and backward passes of DAS")),
@@ -131,17 +168,17 @@ BOUNDS = [
                                                          "forward and backward passes of DAS")),
     Bound("subspace_ioi.batch", memory_limit(_fact_bytes), memory_cost(_fact_bytes, "a DAS step over that many pairs")),
     Bound("facts.n_pairs", fixed(1_000), work_cost(
-        lambda c, v: v * c["facts"]["steps"] * len(c["facts"]["lrs"]) * len(c["facts"]["layers"]),
+        lambda c, v: v * c["facts"]["steps"] * len(c["facts"]["lrs"]) * c["facts"]["trials"] * len(c["facts"]["layers"]),
         "forward and backward passes in the fact sweep")),
     Bound("facts.min_pairs", lambda c, s: c["facts"]["n_pairs"],
           lambda c, s, v: f"at most facts.n_pairs = {c['facts']['n_pairs']} pairs are made, so the run would always stop"),
     Bound("facts.steps", fixed(10_000), work_cost(
-        lambda c, v: v * c["facts"]["n_pairs"] * len(c["facts"]["lrs"]) * len(c["facts"]["layers"]),
+        lambda c, v: v * c["facts"]["n_pairs"] * len(c["facts"]["lrs"]) * c["facts"]["trials"] * len(c["facts"]["layers"]),
         "forward and backward passes in the fact sweep")),
-    Bound("rome.n_pairs", fixed(1_000), work_cost(lambda c, v: v * c["rome"]["steps"] * len(c["facts"]["layers"]),
-                                                  "forward and backward passes of ROME's value optimisation")),
-    Bound("rome.steps", fixed(10_000), work_cost(lambda c, v: v * c["rome"]["n_pairs"] * len(c["facts"]["layers"]),
-                                                 "forward and backward passes of ROME's value optimisation")),
+    Bound("rome.n_pairs", fixed(1_000), work_cost(lambda c, v: v * c["rome"]["steps"] * len(c["facts"]["layers"])
+                                                  * _rome_rows(c), "prompt runs of ROME's value optimisation")),
+    Bound("rome.steps", fixed(10_000), work_cost(lambda c, v: v * c["rome"]["n_pairs"] * len(c["facts"]["layers"])
+                                                 * _rome_rows(c), "prompt runs of ROME's value optimisation")),
     Bound("rome.chunk_tokens", _positions, _chunk_cost),
 ]
 

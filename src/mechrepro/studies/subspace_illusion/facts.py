@@ -38,6 +38,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechrepro.studies.subspace_illusion.checks import WIKIPEDIA_SAMPLE
+
 from mechrepro.studies.subspace_illusion import rome as R
 from mechrepro.core import engine as E
 from mechrepro.core import subspace as S
@@ -268,16 +270,87 @@ def _prose(doc: str | None) -> list[str]:
     return out
 
 
+
+
+def _drop_nested(text: str, open_: str, close: str) -> str:
+    """``text`` without its (possibly nested) ``open_ … close`` spans (templates, tables)."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth, i = depth + 1, i + len(open_)
+        elif depth and text.startswith(close, i):
+            depth, i = depth - 1, i + len(close)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def wikitext_paragraphs(wikitext: str, min_words: int = 8) -> list[str]:
+    """The prose paragraphs of one article's MediaWiki markup: comments, references, templates,
+    tables, files and categories removed; links and bold/italic replaced by their text; headings,
+    lists, indented lines and paragraphs of fewer than ``min_words`` words dropped."""
+    import re
+
+    t = re.sub(r"<!--.*?-->", "", wikitext, flags=re.S)
+    t = re.sub(r"<ref[^>]*/>", "", t)
+    t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
+    t = _drop_nested(_drop_nested(t, "{{", "}}"), "{|", "|}")
+    t = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", t)
+    t = re.sub(r"\[\[[^\]|]*\|([^\]]*)\]\]", r"\1", t)
+    t = re.sub(r"\[\[([^\]]*)\]\]", r"\1", t)
+    t = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", t)
+    t = re.sub(r"\[https?://\S+\]", "", t)
+    t = re.sub(r"'{2,}", "", t)
+    t = re.sub(r"<[^>]+>", "", t)
+    out = []
+    for line in t.split("\n"):
+        line = " ".join(line.split())
+        if line and not line.startswith(("=", "*", "#", ":", ";", "|", "!", "{", "}")) and len(line.split()) >= min_words:
+            out.append(line)
+    return out
+
+
+def wikipedia_paragraphs(path: str | Path, seed: int = 0) -> list[str]:
+    """Prose paragraphs of the articles (no redirects, namespaced pages or pages of 50 words or fewer) of a bz2 MediaWiki XML
+    dump, in an order shuffled with ``seed``: the first tokens of the corpus then come from many
+    articles, not from the first few (the dump is alphabetical)."""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(bz2.open(path)).getroot()
+    ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+    paras = []
+    for page in root.iter(f"{ns}page"):
+        title, text = page.findtext(f"{ns}title") or "", page.findtext(f"{ns}revision/{ns}text") or ""
+        if ":" in title or text.lstrip().lower().startswith("#redirect"):
+            continue
+        body = wikitext_paragraphs(text)
+        if sum(len(b.split()) for b in body) > 50:  # stubs and disambiguation pages left out
+            paras.extend(body)
+    random.Random(seed).shuffle(paras)
+    return paras
+
+
 def corpus_texts(source: str) -> list[str]:
     """English texts for ROME's key statistic, available offline.
 
     ``source = "stdlib_docs"``: the prose paragraphs of the documentation strings of
     :data:`STDLIB_DOC_MODULES` and their public classes and functions — English written by people,
     shipped with every Python (no package, no download), deterministic for a Python version.
-    It is technical English, not ROME's Wikipedia; ``Σ`` only needs to describe which directions
-    generic keys occupy, so any sizeable English text serves, and a user can point ``source`` at
-    a plain-text file (e.g. WikiText) instead: paragraphs are separated by blank lines.
+    It is technical English, not ROME's Wikipedia.
+
+    ``source = "wikipedia_sample"``: the prose paragraphs of 97 English Wikipedia articles
+    (:func:`wikipedia_paragraphs` of :data:`WIKIPEDIA_SAMPLE`, about 396,000 words), the kind of
+    text ROME's statistic was computed from. Any other ``source`` is the path of a plain-text file
+    (e.g. WikiText): paragraphs are separated by blank lines.
     """
+    if source == "wikipedia_sample":
+        if not Path(WIKIPEDIA_SAMPLE).is_file():
+            raise FileNotFoundError(f"rome.corpus 'wikipedia_sample' needs {WIKIPEDIA_SAMPLE}: fetch it with "
+                                    "scripts/fetch_wikipedia_sample.sh (make env runs it)")
+        return wikipedia_paragraphs(WIKIPEDIA_SAMPLE)
     if source != "stdlib_docs":
         path = Path(source)
         if not path.is_file():
@@ -377,47 +450,88 @@ class SuffixForward:
                         hooks={f"blocks.{self.layer}.mlp.hook_post": write})
 
 
+RowsLoss = Callable[[Tensor], Tensor]
+
+
+def _adam_run(rows_loss: RowsLoss, u0: Tensor, lr: float, steps: int, log: Log) -> tuple[Tensor, Tensor]:
+    """Adam on free vectors ``u`` (``v = u / ‖u‖``) for ``steps`` steps; the final directions and losses."""
+    u = u0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=lr)
+    for step in range(steps):
+        loss = rows_loss(u / u.norm(dim=1, keepdim=True))
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        if step % max(1, steps // 4) == 0:
+            log("  adam lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
+    with torch.no_grad():
+        v = u.detach() / u.detach().norm(dim=1, keepdim=True)
+        return v, rows_loss(v)
+
+
+def _sgd_run(rows_loss: RowsLoss, u0: Tensor, lr: float, steps: int, end_factor: float,
+             log: Log) -> tuple[Tensor, Tensor]:
+    """The paper's optimiser (the authors' fact-patching notebook): plain SGD on the unit vectors
+    themselves, the learning rate decaying linearly to ``end_factor · lr`` over ``steps`` steps, each
+    vector renormalised after every step; per row, the direction with the lowest loss over all steps."""
+    v = u0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([v], lr=lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end_factor, total_iters=steps)
+    best_v, best_loss = v.detach().clone(), torch.full((len(v),), math.inf, dtype=v.dtype, device=v.device)
+    for step in range(steps):
+        loss = rows_loss(v)
+        with torch.no_grad():
+            better = loss < best_loss
+            best_v[better], best_loss[better] = v[better], loss[better]
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            v.div_(v.norm(dim=1, keepdim=True))
+        if step % max(1, steps // 4) == 0:
+            log("  sgd lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
+    return best_v, best_loss
+
+
 def learn_pair_directions(k_base: Tensor, k_src: Tensor, forward_fn: S.ForwardFn, target: Tensor, *,
-                          steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog) -> tuple[Tensor, Tensor]:
+                          steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog, optimizer: str = "adam",
+                          trials: int = 1, end_factor: float = 1e-3) -> tuple[Tensor, Tensor]:
     """One unit direction per pair (row), all rows trained together.
 
-    Each row ``i`` has its own ``u_i`` (``v_i = u_i / ‖u_i‖``, started as a seeded random unit
-    vector); the loss is ``Σ_i [logit_i(base obj) − logit_i(src obj)]`` after patching row ``i``
-    along ``v_i`` (a sum, so each row's gradient is its own). Adam for ``steps`` steps at every
-    learning rate in ``lrs``; for each row the direction of the lr with the lowest final loss is
-    kept. Returns ``(V [n, f], final loss per row [n])``.
+    Each row ``i`` has its own direction, started as a seeded random unit vector; the loss is
+    ``Σ_i [logit_i(base obj) − logit_i(src obj)]`` after patching row ``i`` along ``v_i`` (a sum, so
+    each row's gradient is its own). One run per learning rate in ``lrs``, repeated ``trials``
+    times with other initial vectors (run ``j`` seeded ``seed + j``, the lrs cycling as in the
+    authors' sweep). ``optimizer``: ``"adam"`` (:func:`_adam_run`, ``steps`` steps, each run's final
+    direction) or ``"sgd"`` (:func:`_sgd_run`, the paper's: linear decay to ``end_factor``, each run's
+    best direction over its steps). For each row the run with the lowest loss wins. Returns
+    ``(V [n, f], its loss per row [n])``.
     """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"facts.optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     n, f = k_base.shape
     rows = torch.arange(n, device=k_base.device)
-    idx = rows
+
+    def rows_loss(v: Tensor) -> Tensor:
+        coef = ((k_src - k_base) * v).sum(1)
+        logits = forward_fn(k_base + coef[:, None] * v, rows)
+        return logits[rows, target[:, 0]] - logits[rows, target[:, 1]]
+
     best_v, best_loss = None, None
-    for j, lr in enumerate(lrs):
+    for j, lr in enumerate(list(lrs) * trials):
         g = torch.Generator().manual_seed(seed + j)
         u = torch.randn(n, f, generator=g, dtype=k_base.dtype).to(k_base.device)
-        u = (u / u.norm(dim=1, keepdim=True)).requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=lr)
-
-        def rows_loss(v: Tensor) -> Tensor:
-            coef = ((k_src - k_base) * v).sum(1)
-            logits = forward_fn(k_base + coef[:, None] * v, idx)
-            return logits[rows, target[:, 0]] - logits[rows, target[:, 1]]
-
-        for step in range(steps):
-            v = u / u.norm(dim=1, keepdim=True)
-            loss = rows_loss(v)
-            opt.zero_grad()
-            loss.sum().backward()
-            opt.step()
-            if step % max(1, steps // 4) == 0:
-                log("  lr %g step %d/%d: mean loss %.3f", lr, step, steps, float(loss.detach().mean()))
-        with torch.no_grad():
-            v = u.detach() / u.detach().norm(dim=1, keepdim=True)
-            final = rows_loss(v)
-        if best_v is None:
-            best_v, best_loss = v.clone(), final.clone()
+        u = u / u.norm(dim=1, keepdim=True)
+        if optimizer == "adam":
+            v, loss = _adam_run(rows_loss, u, lr, steps, log)
         else:
-            better = final < best_loss
-            best_v[better], best_loss[better] = v[better], final[better]
+            v, loss = _sgd_run(rows_loss, u, lr, steps, end_factor, log)
+        if best_v is None:
+            best_v, best_loss = v.clone(), loss.detach().clone()
+        else:
+            better = loss < best_loss
+            best_v[better], best_loss[better] = v[better], loss.detach()[better]
     return best_v, best_loss
 
 
@@ -462,9 +576,11 @@ def rank1_edit_logits(model: Transformer, layer: int, pb: PairBatch, V: Tensor, 
 
 
 def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[dict], C: Tensor | None, *,
-                steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog) -> tuple[pd.DataFrame, dict, Tensor]:
+                steps: int, lrs: Sequence[float], seed: int, log: Log = _nolog,
+                **train: object) -> tuple[pd.DataFrame, dict, Tensor]:
     """Everything the paper reports for one layer of the facts sweep.
 
+    ``train``: ``optimizer``, ``trials``, ``end_factor`` of :func:`learn_pair_directions`.
     Returns ``(per-pair frame, summary, directions V [n, f])``. The summary holds ``n_pairs``,
     the flip fractions (``flip_frac_1d``, ``flip_frac_full_mlp``, ``flip_frac_row``,
     ``flip_frac_null``, ``flip_frac_rank1_edit``), ``rank1_agrees_1d`` (fraction of pairs the
@@ -479,7 +595,7 @@ def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[d
     vocab = torch.unique(torch.cat([pb.obj_base, pb.obj_src]))
     target = torch.searchsorted(vocab, pb.target)
     fwd = SuffixForward(model, layer, pb.tokens_base, pb.subj_base, pb.end_base, vocab)
-    V, final = learn_pair_directions(k_base, k_src, fwd, target, steps=steps, lrs=lrs, seed=seed, log=log)
+    V, final = learn_pair_directions(k_base, k_src, fwd, target, steps=steps, lrs=lrs, seed=seed, log=log, **train)
     Q = S.mlp_rowspace(model, layer)
     v_row = (V @ Q) @ Q.T
     v_null = V - v_row
@@ -509,8 +625,8 @@ def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[d
     f, r = Q.shape
     summary = {
         "layer": layer, "n_pairs": len(pb),
-        **{f"flip_frac_{k}": float(v.float().mean()) for k, v in flips.items()},
-        "rank1_agrees_1d": float((flips["rank1_edit"] == flips["1d"]).float().mean()),
+        **{f"flip_frac_{k}": S.fraction(v) for k, v in flips.items()},
+        "rank1_agrees_1d": S.fraction(flips["rank1_edit"] == flips["1d"]),
         "rank1_key_max_err": float(key_err.max()),
         "ld_clean": clean_mean,
         **{f"ld_{k}": float(v.mean()) for k, v in lds.items() if k != "clean"},
@@ -524,13 +640,41 @@ def sweep_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[d
 
 
 # ------------------------------------------------------------------ ROME and its subspace intervention
-def rome_rank1(model: Transformer, layer: int, tokens: Tensor, subject_pos: Tensor, end_pos: Tensor, target_id: int,
-               C: Tensor | None, *, ridge: float, **value_kwargs) -> tuple[Tensor, Tensor, Tensor]:
-    """ROME's edit as ``(u, w, k*)``: ``W' = W + u ⊗ w`` (see :func:`mechrepro.studies.subspace_illusion.rome.rome_edit`)."""
-    delta = R.optimize_value(model, layer, tokens, subject_pos, end_pos, target_id, **value_kwargs)
-    k = key_at(model, layer, tokens, subject_pos).mean(0)
-    Ck = k if C is None else R._solve(C, k, ridge)
-    return Ck / (k @ Ck), delta, k
+ESSENCE_PROMPTS = ("{} is a",)  # ROME's KL ("essence drift") prompts
+
+
+def rome_prompts(fact: dict, contexts: Sequence[str], encode: Encode, bos_id: int,
+                 essence: Sequence[str] = ESSENCE_PROMPTS) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The prompts of ROME's value step for ``fact``: ``(tokens [n + m, p], subject [n + m], read [n + m], n)``.
+
+    ``n`` rewriting rows: the bare fact prompt (row 0), then ``context + ". " + prompt`` for each
+    context (ROME's templates ``"{}"`` and ``x + ". {}"``), read at their last token; then the
+    essence rows (``"{subject} is a"``), read at the subject's last token (where ROME's code
+    reads them). BOS first; right-padded with 0. The subject's last token is found as in
+    :func:`build_facts`; a context after which the subject's tokens are not a prefix of the
+    prompt's tokens (BPE merged across the boundary) is left out.
+    """
+    at = fact["prompt"].find(fact["subject"])
+    if at < 0:
+        raise ValueError(f"fact {fact['prompt']!r} does not contain its subject {fact['subject']!r}")
+    head_text = fact["prompt"][:at + len(fact["subject"])]
+    rows = [(fact["tokens"], fact["subject_pos"], fact["end_pos"])]
+
+    def add(text: str, head: str, read_subject: bool) -> None:
+        ids, h = encode(text), encode(head)
+        if h and ids[:len(h)] == h:
+            rows.append(([bos_id, *ids], len(h), len(h) if read_subject else len(ids)))
+
+    for ctx in contexts:
+        add(f"{ctx}. {fact['prompt']}", f"{ctx}. {head_text}", False)
+    n = len(rows)
+    for template in essence:
+        add(template.replace("{}", fact["subject"]), template.split("{}")[0] + fact["subject"], True)
+
+    def t(i: int) -> Tensor:
+        return torch.tensor([r[i] for r in rows], dtype=torch.long)
+
+    return pad([r[0] for r in rows], 0), t(1), t(2), n
 
 
 @torch.no_grad()
@@ -538,56 +682,119 @@ def _p_new(logits: Tensor, target_id: int) -> float:
     return float(logits.float().softmax(-1)[0, target_id])
 
 
-def rome_layer(model: Transformer, layer: int, facts: list[dict], pairs: list[dict], C: Tensor | None, *,
-               ridge: float, value_kwargs: dict, log: Log = _nolog) -> tuple[pd.DataFrame, dict]:
-    """Rewrite scores of ROME, of its equivalent subspace intervention, and of that intervention's
-    row-space part, for each pair (the base fact rewritten to the source's object).
+def _rewrites(run: R.SubjectRun, direction: Tensor, new: int, old: int) -> Callable[[Tensor], Tensor]:
+    """``alphas -> bool``: whether ``α · direction`` at the bare prompt's subject makes ``new`` beat ``old``."""
+    def fn(alphas: Tensor) -> Tensor:
+        with torch.no_grad():
+            logits = run(alphas.to(direction)[:, None] * direction, torch.zeros(len(alphas), dtype=torch.long))
+        return logits[:, new] > logits[:, old]
+    return fn
 
-    The derived intervention patches, at the base's subject token, along the direction ``v`` of
-    :func:`mechrepro.studies.subspace_illusion.rome.rank1_edit_to_subspace` from the source's key; ``exact`` says whether
-    a 1-D patch from that source can reproduce the edit's MLP-output change at ``k*`` (else ``v``
-    is the best one). Summary: mean ``rome``, ``derived_subspace``, ``row_only`` rewrite scores,
-    ``pearson`` (ROME vs derived over the pairs; None when either is constant), ``exact_frac``.
-    """
-    Q = S.mlp_rowspace(model, layer)
+
+@dataclass
+class RomeSetup:
+    """What every edit of one layer shares."""
+
+    model: Transformer
+    layer: int
+    C: Tensor | None
+    ridge: float
+    params: R.ValueParams
+    contexts: Sequence[str]
+    encode: Encode
+    bos_id: int
+
+
+def rome_pair(s: RomeSetup, base: dict, src: dict, Q: Tensor) -> dict:
+    """One ROME edit (``base``'s fact rewritten to ``src``'s object) and its diagnostics (see :func:`rome_layer`)."""
+    model, layer = s.model, s.layer
+    rome = s.params.method == "rome"
+    tokens, subj, read, n = rome_prompts(base, s.contexts if rome else (), s.encode, s.bos_id,
+                                         ESSENCE_PROMPTS if rome else ())
+    run = R.SubjectRun(model, layer, tokens, subj, read)
+    new, old = src["object_id"], base["object_id"]
+    res = R.compute_value(run, n, new, s.params)
+    k_bare, w = run.keys[0], res.delta
+    u = R.rome_left(s.C, run.keys[:n].mean(0), k_bare, s.ridge)
     W = model.p(f"blocks.{layer}.W_out")
+    k_src = key_at(model, layer, torch.tensor([src["tokens"]]), torch.tensor([src["subject_pos"]]))[0]
+    tok, end = tokens[:1, :base["end_pos"] + 1], read[:1]
+    with torch.no_grad():
+        p = {"before": _p_new(model(tok, logits_at=end), new)}
+        with R.edited(model, layer, W + torch.outer(u, w)):
+            p["rome"] = _p_new(model(tok, logits_at=end), new)
+        conv = R.rank1_edit_to_subspace(W, u, w, k_bare, k_src, Q)
+        fwd = S.mlp_post_forward(model, layer, tok, subj[:1], end)
+        zero = torch.zeros(1, dtype=torch.long)
+        p["derived"] = _p_new(fwd(S.subspace_patch(k_bare, k_src, conv.v)[None], zero), new)
+        p["row"] = _p_new(fwd(S.subspace_patch(k_bare, k_src, R.rowspace_component(conv.v, Q))[None], zero), new)
+        p["delta_only"] = _p_new(run(w, zero), new)
+        coef = R.collect_keys(model, [layer], [tok])[layer] @ u
+    spill = torch.cat([coef[:base["subject_pos"]], coef[base["subject_pos"] + 1:]]).abs()
+    w_norm = float(w.norm())
+    alpha = R.smallest_scale(_rewrites(run, w / w_norm, new, old), 2 * w_norm) if w_norm > 0 else math.nan
+    return {"p_new_before": p["before"], "p_new_rome": p["rome"], "p_new_derived": p["derived"],
+            "p_new_row": p["row"], "p_new_delta_only": p["delta_only"],
+            **{k: float(R.rewrite_score(p["before"], p[v])) for k, v in
+               (("rome", "rome"), ("derived_subspace", "derived"), ("row_only", "row"), ("rome_delta_only", "delta_only"))},
+            "exact": conv.exact, "achieved": conv.achieved, "theta": conv.theta,
+            "delta_norm": w_norm, "v0_norm": res.v0_norm, "delta_rel": w_norm / res.v0_norm,
+            "clamped": res.clamped, "clamp_steps": res.clamp_steps, "steps": res.steps, "stopped_early": res.stopped_early,
+            "loss_nll": res.nll, "loss_kl": res.kl, "loss_wd": res.wd, "n_contexts": n - 1,
+            "alpha_min_rel": alpha / w_norm if w_norm > 0 else math.nan,
+            "spill_max": float(spill.max()) if len(spill) else 0.0, **R.edit_geometry(W, conv, s.C)}
+
+
+def rome_layer(setup: RomeSetup, facts: list[dict], pairs: list[dict], log: Log = _nolog) -> tuple[pd.DataFrame, dict]:
+    """Rewrite scores of ROME, of its equivalent subspace intervention and of that intervention's
+    row-space part, with diagnostics, for each pair (the base fact rewritten to the source's object).
+
+    ROME: ``δ`` from :func:`mechrepro.studies.subspace_illusion.rome.compute_value` (``setup.params``,
+    over :func:`rome_prompts`), ``u = C⁻¹k* / (k_bareᵀC⁻¹k*)`` (``k*`` the mean key over the
+    contexts), ``W' = W + u ⊗ δ``. The derived intervention patches, at the base's subject token, along
+    the direction ``v`` of :func:`mechrepro.studies.subspace_illusion.rome.rank1_edit_to_subspace`
+    from the source's key; ``exact`` says whether a 1-D patch from that source can reproduce the
+    edit's output change at the bare prompt's key (else ``v`` is the best one). Per edit also:
+    ``rome_delta_only`` (rewrite score of ``δ`` added at the subject token alone, without the
+    weight edit's changes at the other tokens), ``spill_max`` (largest ``|kᵀu|`` at another token
+    of the prompt: the share of ``δ`` the weight edit adds there), ``alpha_min_rel`` (the smallest
+    ``α/‖δ‖`` for which ``α·δ̂`` at the subject alone makes the new object beat the old, on
+    ``(0, 2]``; NaN above), the optimisation's ``v0_norm``, ``delta_rel = ‖δ‖/‖v0‖``, ``clamped``,
+    ``steps``, and :func:`mechrepro.studies.subspace_illusion.rome.edit_geometry`. Summary: the means
+    of the scores, ``pearson`` (ROME vs derived; None when either is constant), ``exact_frac`` and
+    the diagnostics' means (medians for ``alpha_min_rel`` and ``z_over_rms``).
+    """
+    Q = S.mlp_rowspace(setup.model, setup.layer)
     rows = []
     for i, p in enumerate(pairs):
         base, src = facts[p["base"]], facts[p["src"]]
-        tok = torch.tensor([base["tokens"]], dtype=torch.long)
-        subj = torch.tensor([base["subject_pos"]], dtype=torch.long)
-        end = torch.tensor([base["end_pos"]], dtype=torch.long)
-        new = src["object_id"]
-        with torch.no_grad():
-            p_before = _p_new(model(tok, logits_at=end), new)
-        u, w, k_base = rome_rank1(model, layer, tok, subj, end, new, C, ridge=ridge, **value_kwargs)
-        k_src = key_at(model, layer, torch.tensor([src["tokens"]], dtype=torch.long),
-                       torch.tensor([src["subject_pos"]], dtype=torch.long))[0]
-        with torch.no_grad():
-            with R.edited(model, layer, W + torch.outer(u, w)):
-                p_rome = _p_new(model(tok, logits_at=end), new)
-            conv = R.rank1_edit_to_subspace(W, u, w, k_base, k_src, Q)
-            fwd = S.mlp_post_forward(model, layer, tok, subj, end)
-            zero = torch.zeros(1, dtype=torch.long)
-            p_derived = _p_new(fwd(S.subspace_patch(k_base, k_src, conv.v)[None], zero), new)
-            p_row = _p_new(fwd(S.subspace_patch(k_base, k_src, R.rowspace_component(conv.v, Q))[None], zero), new)
         rows.append({"pair": i, "relation": p["relation"], "base_subject": base["subject"],
-                     "new_object": src["object"], "p_new_before": p_before, "p_new_rome": p_rome,
-                     "p_new_derived": p_derived, "p_new_row": p_row,
-                     "rome": float(R.rewrite_score(p_before, p_rome)),
-                     "derived_subspace": float(R.rewrite_score(p_before, p_derived)),
-                     "row_only": float(R.rewrite_score(p_before, p_row)),
-                     "exact": conv.exact, "achieved": conv.achieved, "theta": conv.theta,
-                     "delta_norm": float(w.norm())})
-        log("  pair %d/%d (%s -> %s): rewrite ROME %.3f, derived %.3f, row-only %.3f", i + 1, len(pairs),
-            base["subject"], src["object"], rows[-1]["rome"], rows[-1]["derived_subspace"], rows[-1]["row_only"])
+                     "new_object": src["object"], **rome_pair(setup, base, src, Q)})
+        r = rows[-1]
+        log("  pair %d/%d (%s -> %s): rewrite ROME %.3f, derived %.3f, row-only %.3f, delta only %.3f; "
+            "|delta|/|v0| %.2f, %d steps%s", i + 1, len(pairs), base["subject"], src["object"], r["rome"],
+            r["derived_subspace"], r["row_only"], r["rome_delta_only"], r["delta_rel"], r["steps"],
+            ", clamped" if r["clamped"] else "")
     frame = pd.DataFrame(rows)
-    summary = {"layer": layer, "n_pairs": len(frame),
-               "rome": float(frame.rome.mean()), "derived_subspace": float(frame.derived_subspace.mean()),
-               "row_only": float(frame.row_only.mean()),
-               "pearson": None if math.isnan(r := pearson(frame.rome, frame.derived_subspace)) else r,
-               "exact_frac": float(frame.exact.mean()), "achieved": float(frame.achieved.mean())}
-    return frame, summary
+    return frame, rome_summary(frame, setup.layer, setup.params.method)
+
+
+def _median(x) -> float | None:
+    vals = [float(v) for v in x if not math.isnan(float(v))]
+    return float(torch.tensor(vals, dtype=torch.float64).median()) if vals else None
+
+
+def rome_summary(frame: pd.DataFrame, layer: int, method: str) -> dict:
+    """The per-layer summary of :func:`rome_layer`'s frame (JSON-safe: None instead of NaN)."""
+    r = pearson(frame.rome, frame.derived_subspace)
+    return {"layer": layer, "method": method, "n_pairs": len(frame),
+            **{k: float(frame[k].mean()) for k in ("rome", "derived_subspace", "row_only", "rome_delta_only",
+                                                   "achieved", "delta_rel", "v0_norm", "gain_rel", "row_frac",
+                                                   "spill_max")},
+            "pearson": None if math.isnan(r) else r, "exact_frac": float(frame.exact.mean()),
+            "clamp_frac": float(frame.clamped.mean()), "early_stop_frac": float(frame.stopped_early.mean()),
+            "mean_steps": float(frame.steps.mean()), "alpha_min_rel": _median(frame.alpha_min_rel),
+            "alpha_found_frac": float(frame.alpha_min_rel.notna().mean()), "z_over_rms": _median(frame.z_over_rms)}
 
 
 def pearson(x, y) -> float:

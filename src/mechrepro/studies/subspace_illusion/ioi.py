@@ -480,7 +480,7 @@ def table1(model: Transformer, cache: SiteCache, batch: PairBatch, dirs: dict[st
     for row, (site, key) in TABLE1_ROWS.items():
         ld, top = patched(model, cache, batch, site, None if key is None else dirs[key], batch_size)
         hit = top == batch.expected
-        rows[row] = {"fldd": S.fldd(ld, cache.clean_ld), "interchange_acc": float(hit.float().mean()),
+        rows[row] = {"fldd": S.fldd(ld, cache.clean_ld), "interchange_acc": S.fraction(hit),
                      "ld": float(ld.mean())}
         frame[f"ld_{row}"] = ld.cpu().numpy()
         frame[f"hit_{row}"] = hit.cpu().numpy()
@@ -553,7 +553,7 @@ def das_summary(site_name: str, site: dict, model_name: str, cfg: dict, cache: S
         "lr": cfg["lr"], "epochs": cfg["epochs"], "batch": cfg["batch"], "steps": len(history),
         "loss_first": history[0], "loss_last": history[-1], "loss": history,
         "train_fldd": S.fldd(ld, cache.clean_ld),
-        "train_interchange_acc": float((top == batch.expected).float().mean()),
+        "train_interchange_acc": S.fraction(top == batch.expected),
         "timings": timings,
     }
 

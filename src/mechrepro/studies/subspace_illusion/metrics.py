@@ -15,7 +15,8 @@ from mechrepro.workflow.artifacts import ArtifactError
 FACTS_KEYS = ("n_pairs", "flip_frac_1d", "flip_frac_full_mlp", "flip_frac_row", "flip_frac_null",
               "flip_frac_rank1_edit", "rank1_agrees_1d", "rank1_key_max_err", "ld_clean", "ld_rel_1d",
               "ld_rel_full_mlp", "ld_rel_row", "ld_rel_null", "ld_rel_rank1_edit", "null_norm", "random_null_norm")
-ROME_KEYS = ("n_pairs", "rome", "derived_subspace", "row_only", "pearson", "exact_frac")
+ROME_KEYS = ("n_pairs", "rome", "derived_subspace", "row_only", "pearson", "exact_frac", "rome_delta_only",
+             "clamp_frac", "delta_rel", "mean_steps", "alpha_min_rel", "gain_rel", "row_frac")
 
 
 def per_layer(summaries: list[tuple[str, dict]], fields: tuple[str, ...]) -> dict[str, dict]:

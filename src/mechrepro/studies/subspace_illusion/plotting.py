@@ -487,7 +487,8 @@ NULL_NORM_NOTE = ("v = v_row + v_null against the row space of W_out (the down p
 
 
 # ------------------------------------------------------------------ ROME vs derived subspace intervention
-ROME_KINDS = {"rome": "ROME edit", "derived_subspace": "derived subspace intervention", "row_only": "its row-space part"}
+ROME_KINDS = {"rome": "ROME edit", "derived_subspace": "derived subspace intervention", "row_only": "its row-space part",
+              "rome_delta_only": "ROME's delta at the subject token only"}
 
 
 def rome_data(art: Artifacts) -> pd.DataFrame:
@@ -502,7 +503,7 @@ def rome_data(art: Artifacts) -> pd.DataFrame:
 
 def plot_rome(data: pd.DataFrame, art: Artifacts):
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    for (key, label), c in zip(ROME_KINDS.items(), ("C3", "C0", "C2")):
+    for (key, label), c in zip(ROME_KINDS.items(), ("C3", "C0", "C2", "C1")):
         ax.errorbar(data.depth, data[key], yerr=data[f"{key}_sem"].fillna(0), color=c, marker="o", capsize=3,
                     label=f"ours: {label}")
     for key, c in (("rome", "C3"), ("derived_subspace", "C0")):
@@ -521,4 +522,6 @@ def plot_rome(data: pd.DataFrame, art: Artifacts):
 
 
 ROME_NOTE = ("Rewrite score (p_after - p_before) / (1 - p_before) of the new object (Hase et al. 2023); error bars: "
-             "standard error over edits; r: Pearson correlation of the ROME and derived scores over the edits.")
+             "standard error over edits; r: Pearson correlation of the ROME and derived scores over the edits. "
+             "'delta at the subject token only': the optimised value change added at the subject alone, without "
+             "the weight edit's changes at the prompt's other tokens.")

@@ -232,9 +232,12 @@ def facts_layer(snk) -> None:
         raise ValueError(f"facts.layers has {layer}, outside the model's layers 0-{lm.model.spec.n_layers - 1}")
     C = _load_sigma(snk.input.sigma, lm.model.spec.d_mlp)
     t = time.time()
-    log.info("layer %d: learning %d directions (%d steps, lrs %s)", layer, len(data["pairs"]), cfg["steps"], cfg["lrs"])
+    log.info("layer %d: learning %d directions (%s, %d steps, lrs %s, %d trials)", layer, len(data["pairs"]),
+             cfg["optimizer"], cfg["steps"], cfg["lrs"], cfg["trials"])
     frame, summary, V = F.sweep_layer(lm.model, layer, data["facts"], data["pairs"], C, steps=cfg["steps"],
-                                      lrs=cfg["lrs"], seed=snk.config["seed"], log=log.info)
+                                      lrs=cfg["lrs"], seed=snk.config["seed"], log=log.info, optimizer=cfg["optimizer"],
+                                      trials=cfg["trials"], end_factor=cfg["lr_end_factor"])
+    summary["optimizer"] = cfg["optimizer"]
     summary["timings"] = {"seconds": time.time() - t}
     summary["model"] = lm.name
     log.info("layer %d: flips 1-D %.3f, full MLP %.3f, row %.3f, null %.3f, rank-1 edit %.3f (agrees %.3f); "
@@ -248,6 +251,8 @@ def facts_layer(snk) -> None:
 
 
 def rome_layer(snk) -> None:
+    from mechrepro.studies.subspace_illusion import rome as R
+
     stage.setup(snk)
     cfg = snk.config["rome"]
     layer = int(snk.wildcards.layer)
@@ -255,16 +260,36 @@ def rome_layer(snk) -> None:
     lm = stage.load_model(snk)
     C = _load_sigma(snk.input.sigma, lm.model.spec.d_mlp)
     pairs = data["pairs"][:cfg["n_pairs"]]
+    params = R.ValueParams(**{k: cfg[k] for k in ("method", "steps", "lr", "weight_decay", "clamp", "kl_factor",
+                                                  "early_stop")})
     t = time.time()
-    log.info("layer %d: ROME edits for %d pairs", layer, len(pairs))
-    value_kwargs = {k: cfg[k] for k in ("steps", "lr", "weight_decay", "clamp")}
-    frame, summary = F.rome_layer(lm.model, layer, data["facts"], pairs, C, ridge=cfg["ridge"],
-                                  value_kwargs=value_kwargs, log=log.info)
+    contexts = _contexts(cfg, lm, snk.config["seed"]) if params.method == "rome" else []
+    log.info("layer %d: ROME edits (%s value step) for %d pairs, %d context prefixes: %s", layer, params.method,
+             len(pairs), len(contexts), contexts)
+    setup = F.RomeSetup(lm.model, layer, C, cfg["ridge"], params, contexts, lm.encode, lm.bos_id)
+    frame, summary = F.rome_layer(setup, data["facts"], pairs, log=log.info)
     summary["timings"] = {"seconds": time.time() - t}
     summary["model"] = lm.name
-    log.info("layer %d: rewrite ROME %.3f, derived %.3f, row-only %.3f, pearson %s; %.1fs", layer,
-             summary["rome"], summary["derived_subspace"], summary["row_only"], summary["pearson"], summary["timings"]["seconds"])
+    summary["contexts"] = contexts
+    log.info("layer %d: rewrite ROME %.3f, derived %.3f, row-only %.3f, delta only %.3f, pearson %s, exact %.2f; "
+             "clamp hit %.2f, |delta|/|v0| %.2f, steps %.1f, alpha_min/|delta| %s; %.1fs", layer, summary["rome"],
+             summary["derived_subspace"], summary["row_only"], summary["rome_delta_only"], summary["pearson"],
+             summary["exact_frac"], summary["clamp_frac"], summary["delta_rel"], summary["mean_steps"],
+             summary["alpha_min_rel"], summary["timings"]["seconds"])
     stage.save_table_and_summary(snk, frame, summary, lm.manifest)
+
+
+def _contexts(cfg: dict, lm, seed: int) -> list[str]:
+    """ROME's context prefixes: ``rome.contexts`` if it is a list, else sampled from the model (seeded)."""
+    from mechrepro.studies.subspace_illusion import rome as R
+
+    if isinstance(cfg["contexts"], list):
+        return list(cfg["contexts"])
+
+    def decode(ids: list[int]) -> str:
+        return lm.tokenizer.decode(ids, skip_special_tokens=True)
+
+    return R.generate_contexts(lm.model, lm.bos_id, decode, cfg["context_lengths"], seed)
 
 
 def _summary(snk, key: str, fields: tuple[str, ...], extra: dict | None = None) -> None:
