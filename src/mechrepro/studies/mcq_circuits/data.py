@@ -354,18 +354,18 @@ def prompt_from_dict(d: dict) -> Prompt:
 
 
 # ------------------------------------------------------------------------------------------ evaluated items
-def evaluation_items(synthetic: bool, n_items: int, n_shots: int, seed: int
+def evaluation_items(synthetic: bool, n_items: int, n_shots: int, seed: int, tasks=TASKS
                      ) -> tuple[list[MCQItem], list[MCQItem], str]:
     """The evaluated items, the few-shot examples (never evaluated) and a description of the source.
 
-    ``synthetic``: ``n_items`` synthetic items from ``seed + 1`` (the organism's held-out questions;
-    no shots). Otherwise ``n_shots + n_items`` MMLU test questions drawn from ``seed``, the first
+    ``synthetic``: ``n_items`` synthetic items of ``tasks`` (the organism's: the questions it was
+    trained on) from ``seed + 1`` (held-out questions; no shots). Otherwise ``n_shots + n_items`` MMLU test questions drawn from ``seed``, the first
     ``n_shots`` as the examples.
     """
     shots: list[MCQItem] = []
     if synthetic:
-        items = synthetic_items(n_items, seed + 1, prefix="eval")
-        source = f"synthetic (category, fact, copy questions; seed {seed + 1})"
+        items = synthetic_items(n_items, seed + 1, tasks=tuple(tasks), prefix="eval")
+        source = f"synthetic ({', '.join(tasks)} questions; seed {seed + 1})"
     else:
         pool = read_mmlu()
         order = random.Random(seed).sample(range(len(pool)), n_items + n_shots)

@@ -198,8 +198,10 @@ class Organism(torch.nn.Module):
                                  rotary_inv_freq(spec.d_head, ROPE_THETA), compact_control)
         self.weights = self.model.trainable()
         self.probe_layer = min(cfg["probe_layer"], spec.n_layers - 1)
+        self.end_probe_layer = min(cfg["end_probe_layer"], spec.n_layers - 1)
         self.probe_index = torch.nn.Linear(spec.d_model, 4)
         self.probe_correct = torch.nn.Linear(spec.d_model, 1)
+        self.probe_end = torch.nn.Linear(spec.d_model, 4)
         self.end_probe = bool(cfg["end_probe"])
 
     def index(self, ids: Tensor) -> Tensor:
@@ -213,14 +215,17 @@ class Organism(torch.nn.Module):
         logits = self.model(self.index(batch["tokens"]), logits_at=batch["end"])
         return logits.gather(1, self.index(batch["answer_ids"]))
 
-    def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Option logits at END, the next-token loss and the probe loss of one training batch."""
+    def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Logits at END over the organism's vocabulary ``[b, U]``, the option logits ``[b, n]``, the
+        next-token loss and the probe loss of one training batch."""
         idx = self.index(batch["tokens"])
         cache: dict[str, Tensor] = {}
         name = f"blocks.{self.probe_layer}.hook_resid_post"
-        logits = self.model(idx, cache=cache, cache_names=[name])  # [b, p, U]
+        end_name = f"blocks.{self.end_probe_layer}.hook_resid_post"
+        logits = self.model(idx, cache=cache, cache_names=[name, end_name])  # [b, p, U]
         rows = torch.arange(len(idx))
-        opt = logits[rows, batch["end"]].gather(1, self.index(batch["answer_ids"]))
+        full = logits[rows, batch["end"]]
+        opt = full.gather(1, self.index(batch["answer_ids"]))
         keep = batch["mask"][:, 1:].bool()
         lm = torch.nn.functional.cross_entropy(logits[:, :-1][keep], idx[:, 1:][keep])
         h = cache[name]  # [b, p, d]
@@ -237,8 +242,18 @@ class Organism(torch.nn.Module):
         probe = probe + torch.nn.functional.binary_cross_entropy_with_logits(
             self.probe_correct(h[rows[:, None], last])[..., 0], is_correct.float())
         if self.end_probe:  # the correct option's list index at the final position (step (ii))
-            probe = probe + torch.nn.functional.cross_entropy(self.probe_index(h[rows, batch["end"]]), batch["correct"])
-        return opt, lm, probe
+            probe = probe + torch.nn.functional.cross_entropy(self.probe_end(cache[end_name][rows, batch["end"]]),
+                                                              batch["correct"])
+        return full, opt, lm, probe
+
+    def answer_loss(self, full: Tensor, opt: Tensor, batch: dict[str, Tensor], kind: str) -> Tensor:
+        """The task loss: cross-entropy of the correct answer token at END, over the organism's whole
+        vocabulary (``vocabulary``, a language model's next-token loss) or over the options' answer
+        tokens only (``options``)."""
+        if kind == "options":
+            return torch.nn.functional.cross_entropy(opt, batch["correct"])
+        target = self.index(batch["answer_ids"]).gather(1, batch["correct"][:, None])[:, 0]
+        return torch.nn.functional.cross_entropy(full, target)
 
 
 def correctness_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -274,7 +289,7 @@ def evaluate(model, prompts: list[mcq.Prompt], pad_id: int, batch_size: int = 12
 
 def curriculum(cfg: dict, step: int, rng: random.Random) -> tuple[int, tuple[str, ...]]:
     """The number of options and the tasks of a training step (see the module docstring)."""
-    tasks = ("copy",) if step < cfg["copy_steps"] else mcq.TASKS
+    tasks = ("copy",) if step < cfg["copy_steps"] else tuple(cfg["tasks"])
     if step < cfg["ramp_steps"]:
         top = 2 + int(2 * step / max(1, cfg["ramp_steps"]))
         return rng.randint(2, min(4, top)), tasks
@@ -283,18 +298,19 @@ def curriculum(cfg: dict, step: int, rng: random.Random) -> tuple[int, tuple[str
 
 def training_batch(cfg: dict, step: int, rng: random.Random, tok, bos_id: int) -> dict[str, Tensor]:
     n, tasks = curriculum(cfg, step, rng)
+    label_sets = cfg["first_label_sets"] if step < cfg["first_steps"] else cfg["train_label_sets"]
     prompts = []
     for _ in range(cfg["batch_size"]):
         item = mcq.synthetic_item(rng, n, tasks, adjective_p=cfg["adjective_p"])
-        ls = mcq.label_set(rng.choice(cfg["train_label_sets"]), n, rng)
+        ls = mcq.label_set(rng.choice(label_sets), n, rng)
         prompts.append(mcq.tokenize(item, ls, tok, bos_id))
     return mcq.to_batch(prompts, bos_id)
 
 
 def heldout_sets(cfg: dict, tok, bos_id: int, seed: int) -> dict[str, list[mcq.Prompt]]:
     """The held-out prompts of every training label set (ABCD first), from another seed."""
-    items = mcq.synthetic_items(cfg["n_eval"], seed + 10_000, prefix="heldout")
-    names = ["abcd"] + [s for s in cfg["train_label_sets"] if s != "abcd"]
+    items = mcq.synthetic_items(cfg["n_eval"], seed + 10_000, tasks=tuple(cfg["tasks"]), prefix="heldout")
+    names = ["abcd"] + [s for s in dict.fromkeys(cfg["train_label_sets"]) if s != "abcd"]
     return {s: mcq.make_prompts(items, s, tok, bos_id, seed) for s in names}
 
 
@@ -311,8 +327,11 @@ def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None
     params = [p for p in org.parameters() if p.requires_grad] + org.weights
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.98))
     steps, warm = cfg["steps"], max(1, cfg["steps"] // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    if cfg["lr_schedule"] == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    else:  # constant after the warm-up
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     rng = random.Random(f"organism-train-{seed}")
     held = heldout_sets(cfg, ctok, bos_id, seed)
     data_hash = hashlib.sha256()
@@ -322,8 +341,8 @@ def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None
     for step in range(steps):
         batch = training_batch(cfg, step, rng, ctok, bos_id)
         data_hash.update(batch["tokens"].numpy().tobytes())
-        opt_logits, lm_loss, probe_loss = org.losses(batch)
-        task_loss = torch.nn.functional.cross_entropy(opt_logits, batch["correct"])
+        full, opt_logits, lm_loss, probe_loss = org.losses(batch)
+        task_loss = org.answer_loss(full, opt_logits, batch, cfg["answer_loss"])
         loss = task_loss + cfg["lm_weight"] * lm_loss + cfg["probe_weight"] * probe_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,7 +358,7 @@ def train(cfg: dict, tok, bos_id: int, seed: int, progress: Callable[[str], None
             progress(f"step {step + 1}/{steps}: task loss {task_loss.item():.3f}, probes {probe_loss.item():.3f}, "
                      "held-out accuracy " + ", ".join(f"{s} {e['accuracy']:.3f}" for s, e in evs.items())
                      + f" ({time.time() - t0:.0f}s)")
-            if evs["abcd"]["accuracy"] >= cfg["stop_accuracy"] and step + 1 >= cfg["min_steps"]:
+            if min(e["accuracy"] for e in evs.values()) >= cfg["stop_accuracy"] and step + 1 >= cfg["min_steps"]:
                 stopped_at = step + 1
                 break
     for w in org.weights:

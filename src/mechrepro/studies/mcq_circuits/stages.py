@@ -99,7 +99,8 @@ def mcq_dataset(snk) -> None:
     seed = snk.config["seed"]
     name = snk.wildcards.labels
     lm = load_model(Path(snk.input.manifest).parent)
-    items, shots, source = mcq.evaluation_items(cfg["model"] == ORGANISM, cfg["n_items"], cfg["n_shots"], seed)
+    items, shots, source = mcq.evaluation_items(cfg["model"] == ORGANISM, cfg["n_items"], cfg["n_shots"], seed,
+                                                cfg["organism"]["tasks"])
     prompts = mcq.make_prompts(items, name, lm.tokenizer, lm.bos_id, seed, shots)
     data = {"label_set": name, "model": lm.name, "source": source, "n": len(items),
             "items": [it.to_dict() for it in items], "shots": [s.to_dict() for s in shots],
