@@ -82,6 +82,72 @@ def test_correctness_probe_reads_each_options_word_not_its_adjective(tokenizer):
     assert target.tolist() == [[False, True, False]]
 
 
+def _organism_cfg(**over) -> dict:
+    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
+    return cfg | over
+
+
+def test_first_stage_uses_its_label_sets_then_the_training_mix(tokenizer):
+    cfg = _organism_cfg(first_steps=3, first_label_sets=["random_letters"], train_label_sets=["abcd", "numbers"],
+                        batch_size=12)
+    rng = random.Random(0)
+    ctok = organism.CachedTokenizer(tokenizer)
+    letters_ab = {tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in "ABCD1234"}
+    for step in range(6):
+        batch = organism.training_batch(cfg, step, rng, ctok, tokenizer.bos_token_id)
+        labels = {int(t) for t in batch["tokens"].gather(1, batch["label_pos"]).flatten()}
+        if step < 3:  # random letters E..Z only: a letter can be produced only by copying it
+            assert not labels & letters_ab
+        else:
+            assert labels <= letters_ab
+
+
+def test_answer_loss_over_the_vocabulary_or_the_options(tokenizer):
+    cfg = _organism_cfg(batch_size=4)
+    ctok = organism.CachedTokenizer(tokenizer)
+    org = organism.Organism(cfg, organism.used_token_ids(ctok, tokenizer.bos_token_id), None, seed=0)
+    batch = organism.training_batch(cfg, 50, random.Random(1), ctok, tokenizer.bos_token_id)
+    full, opt, _, _ = org.losses(batch)
+    rows = torch.arange(len(full))
+    target = org.index(batch["answer_ids"])[rows, batch["correct"]]
+    assert torch.allclose(opt, full.gather(1, org.index(batch["answer_ids"])))
+    vocab = org.answer_loss(full, opt, batch, "vocabulary")
+    options = org.answer_loss(full, opt, batch, "options")
+    assert torch.allclose(vocab, torch.nn.functional.cross_entropy(full, target))
+    assert torch.allclose(options, torch.nn.functional.cross_entropy(opt, batch["correct"]))
+    assert vocab > options  # the softmax over the whole vocabulary also pays for every letter not offered
+
+
+def test_copying_a_label_gets_gradient_only_from_the_vocabulary_loss():
+    # END attends equally to both labels and adds c * (a letter's own answer direction): the option-only
+    # loss is blind to c (both options rise together), the vocabulary-wide loss rewards it
+    vocab, shown, answer = 6, torch.tensor([1, 4]), 1
+    for kind, zero in (("options", True), ("vocabulary", False)):
+        c = torch.zeros((), requires_grad=True)
+        full = 0.5 * c * torch.nn.functional.one_hot(shown, vocab).float().sum(0)[None]  # [1, vocab]
+        opt = full[:, shown]
+        loss = (torch.nn.functional.cross_entropy(opt, torch.tensor([0])) if kind == "options"
+                else torch.nn.functional.cross_entropy(full, torch.tensor([answer])))
+        (g,) = torch.autograd.grad(loss, c)
+        assert (abs(float(g)) < 1e-7) is zero, kind
+
+
+def test_training_stops_once_every_training_label_set_is_learned(tokenizer, monkeypatch, one_thread):
+    cfg = _organism_cfg(steps=8, eval_every=2, stop_accuracy=0.9, min_steps=0, train_label_sets=["abcd", "numbers"])
+    # held-out accuracy per evaluation: ABCD is learned first, numbers at the second evaluation
+    rounds = iter([{"A": 1.0, "1": 0.5}, {"A": 1.0, "1": 0.95}])
+    current: dict = {}
+
+    def fake_evaluate(model, prompts, pad_id, batch_size=128):
+        if not current:
+            current.update(next(rounds, {"A": 1.0, "1": 1.0}))
+        return {"accuracy": current.pop(prompts[0].labels[0]), "loss": 0.0, "n": len(prompts)}
+
+    monkeypatch.setattr(organism, "evaluate", fake_evaluate)
+    _, summary = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
+    assert summary["steps_run"] == 4  # not 2: numbers were still at 0.5 there
+
+
 def test_organism_below_the_gate_fails_with_the_measured_accuracy(tokenizer, one_thread):
     cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
     cfg.update(steps=2, eval_every=2, n_eval=8, min_accuracy=0.99, label_control=False)  # the default, no control
