@@ -21,7 +21,9 @@ This module makes such prompts:
   letter is correct equally often.
 * :func:`label_set` — the paper's label mutations: ``abcd`` (normal), ``random_letters``,
   ``other_letters`` (ordered letters other than ABCD), ``numbers`` (1-4), ``shuffled`` (a
-  non-identity permutation of ABCD), ``separator`` (``)`` instead of ``.``), ``no_prelude``.
+  non-identity permutation of ABCD), ``separator`` (``)`` instead of ``.``), ``no_prelude``;
+  and ``any_letters`` (distinct letters from A-Z, never the normal letters in any order: the
+  organism's training letters, so A-D are letters to copy too).
   A mutation changes the labels / separator / prelude only; the options keep their content and
   order, so the correct answer's content is the same in every label set.
 * :func:`content_permuted` — the corrupted prompt of the activation-patching analysis: the same
@@ -48,7 +50,8 @@ PRELUDE = "The following are multiple choice questions."
 SEPARATOR = "."
 MUTATED_SEPARATOR = ")"
 ANSWER = "Answer:"
-LABEL_SETS = ("abcd", "random_letters", "other_letters", "numbers", "shuffled", "separator", "no_prelude")
+LABEL_SETS = ("abcd", "random_letters", "other_letters", "numbers", "shuffled", "separator", "no_prelude",
+              "any_letters")
 ABCD = ("A", "B", "C", "D")
 
 # Word categories of the synthetic task (common words, single GPT-2 tokens with a leading space).
@@ -128,6 +131,11 @@ def label_set(name: str, n_options: int, rng: random.Random) -> LabelSet:
         return LabelSet(name, normal, MUTATED_SEPARATOR if name == "separator" else SEPARATOR, name != "no_prelude")
     if name == "random_letters":  # distinct letters from E..Z, in random order
         return LabelSet(name, rng.sample(letters[4:], n_options))
+    if name == "any_letters":  # distinct letters from A..Z in random order; never the normal labels in any
+        while True:             # order (that would be the normal or the shuffled set)
+            labels = rng.sample(letters, n_options)
+            if set(labels) != set(normal):
+                return LabelSet(name, labels)
     if name == "other_letters":  # consecutive letters starting after D
         start = rng.randrange(4, 26 - n_options + 1)
         return LabelSet(name, list(letters[start:start + n_options]))

@@ -22,46 +22,48 @@ gatherer", what the earlier 2-layer organism with a label probe learned).
 Training (seeded; the time and the held-out accuracies are recorded every ``eval_every`` steps in
 ``history``, the training-time/accuracy curve).
 
-**Status: no validated recipe.** Every configuration tried for issue 15 (the default; constant
-lr 0.002 / 0.003; input-embedding init 0.02; other weights at init 0.0625; probes after layer 2;
-category-only, copy-only, 2-option, ABCD-only streams; with and without the auxiliary losses)
-stayed at chance for as long as it ran (80-500 steps, 800+ in earlier runs): task loss ln n,
-held-out ABCD accuracy 0.25. The probes show where it sticks: the list-index probes reach ~0
-loss within 20-30 steps, but the correctness probe (step (i) below) and the end probe (step
-(ii)) stay at their base rates. It is a plateau, not a wall: in the one long run (the default
-with a constant lr 0.002 after warm-up) the correctness probe left its base rate at about step
-1,200, the end probe followed, and held-out accuracy went from chance at step 1,500 to 0.92 on
-ABCD and 0.92 on numbers at step 1,750 (0.97 / 0.97 at step 2,000) but stayed at 0.25-0.26 on
-random letters: the model maps the
-correct option's list index to a fixed answer (index 0 -> " A" / " 1") instead of copying the
-label, so that is not yet a correct-letter head. At ~0.45 s/step on one free core the plateau
-alone takes ~9 minutes. Part of the reason, for copy and fact questions: a word
-and its duplicate in the question have the same layer-0 value (values carry no position under
-rotary embeddings), so one attention layer cannot tell "my word is in the question" from "I am
-my word"; the match needs two composed steps. Category questions, which one layer could match
-in principle, did not learn in 130 steps either (2 options, ABCD only). The task shows the long
-plateau at ln n typical of composed attention steps (the earlier 2-layer organism without its
-label probe stayed at chance for 2,000 steps). The loop itself is sound: the model overfits a
-fixed batch (loss 1.2 → 0.0006 in 50 Adam steps).
+**What makes it learn** (issue 15; every number below is one seeded run on the 2-core machine):
+
+* **The answer loss runs over the whole vocabulary** (``answer_loss: vocabulary``), as a language
+  model's next-token loss does. Over the options' answer tokens only, a head that attends equally
+  to every label and copies what it reads raises every offered letter alike, so the loss cannot
+  see the copy: the OV circuit gets no gradient until attention is on the correct label, and
+  attention none until the OV copies (``tests/test_mcq_stages.py`` shows the zero gradient). With
+  the options-only loss, random-letter accuracy stayed at chance for 2,000 steps while ABCD and
+  digits reached 0.97 through an index → fixed letter shortcut; with one asked category and random
+  letters only, the vocabulary loss reached 0.98 training accuracy by step 175 and the options
+  loss was still at chance at step 375.
+* **Category questions** (``tasks: [category]``): an option's word learns whether it is correct in
+  one attention step (it reads the asked category). Fact and copy questions need the word matched
+  with its duplicate in the question; under rotary positions a duplicate's layer-0 value is the
+  word's own, so that takes two composed steps, and every run with them stayed at chance for
+  500-1,200 steps. They remain available in ``tasks``.
+* **Random letters first and most**: the first ``first_steps`` steps use random letters only, and
+  then three items in five (``train_label_sets``), so a letter is mostly something to copy.
+* **A constant learning rate after the warm-up** (``lr_schedule``): a cosine schedule over 600
+  steps decayed the rate before the plateau (task loss at ln n) ended.
+* The end probe reads the residual stream after layer 2 (``end_probe_layer``), one layer after the
+  correctness it gathers.
 
 Training details:
 
 * Fresh items every step from a seeded stream. Each item's label set is drawn from
-  ``train_label_sets`` (default ``abcd``, ``random_letters``, ``numbers``: label sets a pretrained
-  model has seen; labels are arbitrary tokens to be copied). Shuffled ABCD, another separator and
+  ``train_label_sets`` (random letters, ABCD, digits: label sets a pretrained model has seen;
+  labels are arbitrary tokens to be copied). Shuffled ABCD, another separator and
   a missing prelude are never seen (``other_letters``, ordered letters after D, are a special
   case of the random letters seen).
-* **Curriculum**: the first ``copy_steps`` steps ask copy questions only ("Which option says
+* **Curriculum**: the first ``first_steps`` steps use only ``first_label_sets``; the first
+  ``copy_steps`` steps ask copy questions only when ``tasks`` has them ("Which option says
   dog?"); the number of options grows from 2 to 4 over the first ``ramp_steps`` steps; after
   that it is drawn from 2-4 (4 half of the time). Options get an adjective with probability
   ``adjective_p`` (options of variable length, so a label's list index is not a fixed offset).
-* Losses: the cross-entropy over the options' answer tokens (``" " + label``) at the final
-  position; a next-token loss over every position (``lm_weight``, softmax over the generator's
+* Losses: the cross-entropy of the correct answer token (``" " + label``) at the final position
+  (``answer_loss``, above); a next-token loss over every position (``lm_weight``, softmax over the generator's
   vocabulary only); and **training-only probes** (``probe_weight``) on the residual stream after
   layer ``probe_layer``: the **list index** (0 … n−1) of every label token and every content
   token, whether each option's last content token (its word; an adjective before it cannot know)
   belongs to the correct option, and (``end_probe``) the correct option's list index at the
-  final position. There is **no label probe**: nothing teaches a content token, or the final
+  final position after layer ``end_probe_layer``. There is **no label probe**: nothing teaches a content token, or the final
   position, a letter. The probes are discarded; they are
   not part of the saved model.
 * ``label_control``: the documented architectural control. When true, no position before the
@@ -74,9 +76,9 @@ Training details:
 * Only the embedding / unembedding rows of the tokens the generator uses are trained (embedding
   and unembedding untied; the trained input rows start at unit scale, ``embed_std``). The rest of
   the GPT-2 vocabulary keeps a seeded random initialisation and is never produced.
-* AdamW with linear warm-up and cosine decay; training stops early once the held-out accuracy
-  on normal (ABCD) labels reaches ``stop_accuracy`` (checked every ``eval_every`` steps, not
-  before ``min_steps``). The held-out set is drawn from another seed. The stage fails, naming the
+* AdamW with a linear warm-up over ``steps``/20, then a constant rate (or cosine decay,
+  ``lr_schedule``); training stops early once the held-out accuracy of every training label set
+  reaches ``stop_accuracy`` (checked every ``eval_every`` steps, not before ``min_steps``). The held-out set is drawn from another seed. The stage fails, naming the
   measured accuracy, when it stays below ``min_accuracy``.
 
 The manifest records the training config, seed, a SHA-256 of every training token, the control

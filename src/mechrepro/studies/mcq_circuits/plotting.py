@@ -24,7 +24,7 @@ PAPER = ("Lieberum et al. 2023, Does Circuit Analysis Interpretability Scale? Ev
          "Capabilities in Chinchilla (arXiv 2307.09458)")
 LABEL_SET_NAMES = {"abcd": "A B C D (normal)", "random_letters": "random letters", "other_letters": "other ordered letters",
                    "numbers": "numbers 1-4", "shuffled": "shuffled ABCD", "separator": "separator ')'",
-                   "no_prelude": "no prelude"}
+                   "no_prelude": "no prelude", "any_letters": "any letters"}
 CATEGORY_COLORS = {"correct-letter": "#d62728", "content-gatherer": "#1f77b4", "single-letter": "#ff7f0e",
                    "uniform": "#2ca02c", "amplification": "#9467bd", "other": "#c7c7c7", "mlp": "#8c564b"}
 
@@ -63,7 +63,10 @@ def caption(art: Artifacts, n: int | str | None = None, note: str = "") -> str:
 
 def _trained_sets(art: Artifacts) -> list[str]:
     """The label sets the organism was trained on (none for a pretrained model)."""
-    return (art.json("organism.json", default={}).get("config") or {}).get("train_label_sets", [])
+    sets = list(dict.fromkeys((art.json("organism.json", default={}).get("config") or {}).get("train_label_sets", [])))
+    if "any_letters" in sets:  # random letters (E-Z) and ordered letters after D are drawn from any_letters too
+        sets += [s for s in ("random_letters", "other_letters") if s not in sets]
+    return sets
 
 
 # ------------------------------------------------------------------------------ accuracy table
