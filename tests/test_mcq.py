@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 
 import pytest
 
@@ -48,12 +49,27 @@ def test_mutations_keep_the_correct_answer_content(name, tokenizer):
         assert all([ord(c) - ord(lab[0]) for c in lab] == [0, 1, 2, 3] and lab[0] > "D" for lab in labels)
     if name == "numbers":
         assert all(lab == ["1", "2", "3", "4"] for lab in labels)
+    if name == "any_letters":
+        assert all(set(lab) != set("ABCD") for lab in labels) and len({tuple(x) for x in labels}) > 1
     if name == "shuffled":
         assert all(sorted(lab) == ["A", "B", "C", "D"] and lab != ["A", "B", "C", "D"] for lab in labels)
     if name == "separator":
         assert all(") " + it.options[0] in q.text for it, q in zip(items, mutated))
     has_prelude = [q.text.startswith(mcq.PRELUDE) for q in mutated]
     assert all(has_prelude) == (name != "no_prelude") and any(has_prelude) == (name != "no_prelude")
+
+
+def test_any_letters_draw_a_to_z_but_never_the_normal_letters_in_any_order():
+    # the organism's training letters: A-D must be letters to copy too, but the normal and the
+    # shuffled label sets (the first n letters, in any order) stay unseen
+    rng = random.Random(0)
+    seen: set[str] = set()
+    for n in (2, 3, 4):
+        for _ in range(3000):
+            labels = mcq.label_set("any_letters", n, rng).labels
+            assert len(set(labels)) == n and set(labels) != set("ABCD"[:n])
+            seen |= set(labels)
+    assert seen == set(string.ascii_uppercase)
 
 
 def test_content_permuted_moves_the_correct_content():
