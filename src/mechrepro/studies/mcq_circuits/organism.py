@@ -38,8 +38,9 @@ Training (seeded; the time and the held-out accuracies are recorded every ``eval
   with its duplicate in the question; under rotary positions a duplicate's layer-0 value is the
   word's own, so that takes two composed steps, and every run with them stayed at chance for
   500-1,200 steps. They remain available in ``tasks``.
-* **Random letters first and most**: the first ``first_steps`` steps use random letters only, and
-  then three items in five (``train_label_sets``), so a letter is mostly something to copy.
+* **Letters first and most**: the first ``first_steps`` steps use letters only (``any_letters``,
+  below), and then three items in five (``train_label_sets``), so a label is mostly something to
+  copy.
 * **A constant learning rate after the warm-up** (``lr_schedule``): a cosine schedule over 600
   steps decayed the rate before the plateau (task loss at ln n) ended.
 * The end probe reads the residual stream after layer 2 (``end_probe_layer``), one layer after the
@@ -48,10 +49,9 @@ Training (seeded; the time and the held-out accuracies are recorded every ``eval
 Training details:
 
 * Fresh items every step from a seeded stream. Each item's label set is drawn from
-  ``train_label_sets`` (random letters, ABCD, digits: label sets a pretrained model has seen;
-  labels are arbitrary tokens to be copied). Shuffled ABCD, another separator and
-  a missing prelude are never seen (``other_letters``, ordered letters after D, are a special
-  case of the random letters seen).
+  ``train_label_sets`` (letters, ABCD, digits: label sets a pretrained model has seen; labels are
+  arbitrary tokens to be copied). Shuffled ABCD, another separator and a missing prelude are never
+  seen (``random_letters`` and ``other_letters`` are drawn from the training letters).
 * **Curriculum**: the first ``first_steps`` steps use only ``first_label_sets``; the first
   ``copy_steps`` steps ask copy questions only when ``tasks`` has them ("Which option says
   dog?"); the number of options grows from 2 to 4 over the first ``ramp_steps`` steps; after
