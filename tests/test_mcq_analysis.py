@@ -101,6 +101,17 @@ def test_patching_matches_a_naive_reference(models, arch, batches, one_thread):
         assert abs(naive - res["heads_direct"][l, h]) < 1e-4
     naive = (frozen_ld(cl["final"] + co["mlp"][:, 0] - cl["mlp"][:, 0]) - ref).mean()
     assert abs(naive - res["mlps_direct"][0]) < 1e-4
+    # the direct path with the final norm recomputed: only the final residual at END changed (a hook on
+    # the norm's input), every other node at its clean value
+    base_ld = _naive_ld(model, clean, None)
+    for l, h in [(0, 0), (L - 1, H - 1)]:
+        def hf(x, l=l, h=h):
+            x = x.clone()
+            x[rows, clean["end"]] = cl["final"] + out_co[:, l, h] - out_cl[:, l, h]
+            return x
+        naive = (_naive_ld(model, clean, {"ln_final.hook_in": hf}) - base_ld).mean()
+        assert abs(naive - res["heads_direct_norm"][l, h]) < 1e-4, (l, h)
+    assert (res["heads_direct_norm"] - res["heads_direct"]).abs().max() > 1e-6  # the norm's scale does move
 
 
 @torch.no_grad()

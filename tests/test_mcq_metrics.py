@@ -56,8 +56,10 @@ def test_patching_means_weight_each_batch_by_its_size(models, batches, one_threa
 def test_patching_flag_rule():
     L, H = 1, 3
     res = {"heads_total": torch.tensor([[1.0, 0.6, 0.1]]), "heads_direct": torch.tensor([[0.1, 0.5, 0.0]]),
-           "mlps_total": torch.tensor([-0.9]), "mlps_direct": torch.tensor([-0.2])}
+           "mlps_total": torch.tensor([-0.9]), "mlps_direct": torch.tensor([-0.2]),
+           "heads_direct_norm": torch.tensor([[0.2, 0.4, 0.0]]), "mlps_direct_norm": torch.tensor([-0.3])}
     frame = M.patching_table(res)
+    assert frame.direct_effect_norm.tolist() == pytest.approx([0.2, 0.4, 0.0, -0.3])
     assert frame.shape[0] == L * H + L
     # |total| ≥ 0.5 of the largest and |direct| < 0.3 |total|: L0H0 and MLP0; L0H1 is mostly direct, L0H2 small
     assert frame.loc[frame.indirect_flag, "node"].tolist() == ["L0H0", "MLP0"]

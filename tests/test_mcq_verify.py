@@ -34,7 +34,7 @@ LABEL_POS, CONTENT_POS, END = [3, 5, 7, 9], [4, 6, 8, 10], 12
 # residual dimensions: 0-25 letters, 26-29 list index, 30-33 "option j is correct" (question), 34-37 moved index,
 # 38 END marker, 39-42 content index, 62 BOS, 63 other tokens
 IDX, QDIM, MOVED, ENDD, CIDX, BOSD, OTHER = 26, 30, 34, 38, 39, 62, 63
-TH = {"min_label_attention": 0.2, "min_correct_share": 0.5, "max_direct_gap": 0.3, "min_total_share": 0.1,
+TH = {"min_label_attention": 0.2, "min_correct_share": 0.5, "max_direct_gap": 0.3, "direct_norm": "frozen", "min_total_share": 0.1,
       "min_swap": 0.8, "min_ov_letters": 0.9, "min_key_r2": 0.5, "n_prompts": 32}
 
 
@@ -155,6 +155,14 @@ def test_a_content_gatherer_passes_no_check_that_needs_label_attention(gatherer,
     assert summary["n_heads_passing"] == 0 and summary["heads_passing"] == []
 
 
+def test_direct_total_check_reads_the_direct_effect_its_option_names():
+    patch = pd.DataFrame({"node": ["L1H0", "L1H1"], "kind": "head", "total_effect": [-1.0, -1.0],
+                          "direct_effect": [-1.6, -1.1], "direct_effect_norm": [-1.05, -1.6]}).set_index("node")
+    frozen = V.direct_total_check(patch, 5.0, -5.0, TH)
+    recomputed = V.direct_total_check(patch, 5.0, -5.0, TH | {"direct_norm": "recomputed"})
+    assert frozen.tolist() == [False, True] and recomputed.tolist() == [True, False]
+
+
 def test_a_missing_check_fails_the_head(letter):
     frame, _ = letter
     names = frame.node.tolist()
@@ -162,7 +170,8 @@ def test_a_missing_check_fails_the_head(letter):
         "label_att_abcd": torch.tensor(frame.label_att_abcd.to_numpy()).reshape(2, H),
         "correct_share_abcd": torch.tensor(frame.correct_share_abcd.to_numpy()).reshape(2, H)}.items()},
         pd.DataFrame({"node": names, "kind": "head", "total_effect": frame.total_effect,
-                      "direct_effect": frame.direct_effect}).set_index("node"),
+                      "direct_effect": frame.direct_effect,
+                      "direct_effect_norm": frame.direct_effect_norm}).set_index("node"),
         {"clean_ld": 5.0, "corrupt_ld": -5.0}, None, None, None, TH)
     assert not no_rl.passes.any()
 

@@ -200,6 +200,9 @@ def patch_nodes(model: Transformer, clean: Batch, corrupt: Batch, max_rows: int 
 
     Returns mean effects over prompts: ``heads_total [L, h]``, ``heads_direct [L, h]``,
     ``mlps_total [L]``, ``mlps_direct [L]``, and ``clean_ld``, ``corrupt_ld`` (means).
+    The direct effect freezes every later node and the final norm's scale (the paper's). Also
+    ``heads_direct_norm [L, h]`` / ``mlps_direct_norm [L]``: every later node frozen, but the final
+    norm recomputed on the changed residual (the direct path with the norm's own nonlinearity).
     """
     cl, co = end_components(model, clean), end_components(model, corrupt)
     base = base_run(model, clean["tokens"], clean["end"])
@@ -211,9 +214,29 @@ def patch_nodes(model: Transformer, clean: Batch, corrupt: Batch, max_rows: int 
     mixed = dict(cl, z=co["z"], mlp=co["mlp"])
     d_mixed = dla(model, mixed, clean["answer_ids"], clean["correct"])
     corrupt_ld = metric(co["logits"], torch.arange(len(co["logits"]))).mean()
+    u = _ld_direction(model, clean["answer_ids"], clean["correct"])  # [b, d]
+    heads_norm = direct_norm_recomputed(model, cl["final"], head_outputs(model, co["z"]) - head_outputs(model, cl["z"]), u)
+    mlps_norm = direct_norm_recomputed(model, cl["final"], co["mlp"] - cl["mlp"], u)
     return {"heads_total": heads_total, "heads_direct": (d_mixed["heads"] - d_clean["heads"]).mean(0),
             "mlps_total": mlps_total, "mlps_direct": (d_mixed["mlps"] - d_clean["mlps"]).mean(0),
+            "heads_direct_norm": heads_norm.mean(0), "mlps_direct_norm": mlps_norm.mean(0),
             "clean_ld": d_clean["ld"].mean(), "corrupt_ld": corrupt_ld}
+
+
+def direct_norm_recomputed(model: Transformer, final: Tensor, delta: Tensor, u: Tensor) -> Tensor:
+    """LD change ``[b, ...]`` of adding each node's output change ``delta [b, ..., d]`` to the clean
+    final residual ``final [b, d]`` alone, with the final norm recomputed (``u [b, d]``: the LD
+    direction). The norm's bias does not depend on the residual and cancels."""
+
+    def ld(x: Tensor) -> Tensor:  # [b, ..., d] -> [b, ...]
+        scale = norm_scale(model, x)[..., None]
+        if model.spec.arch == "gpt2":
+            x = x - x.mean(-1, keepdim=True)
+        u_ = u.reshape(u.shape[0], *([1] * (x.dim() - 2)), u.shape[1])
+        return (x * scale * model.p("ln_final.w") * u_).sum(-1)
+
+    expand = final.reshape(final.shape[0], *([1] * (delta.dim() - 2)), final.shape[1])
+    return ld(expand + delta) - ld(expand)
 
 
 # --------------------------------------------------------------------------------------- attention

@@ -151,14 +151,17 @@ def patching_means(model: Transformer, batch_pairs: Iterable[tuple[Batch, Batch]
 
 
 def patching_table(res: dict[str, Tensor]) -> pd.DataFrame:
-    """One row per head and MLP: total and direct effect, and the :data:`FLAG_RULE` flag."""
+    """One row per head and MLP: total and direct effect (final-norm scale frozen; and
+    ``direct_effect_norm``, the norm recomputed), and the :data:`FLAG_RULE` flag."""
     L, H = res["heads_total"].shape
     rows = [{"node": node_name(l, h), "layer": l, "head": h, "kind": "head",
              "total_effect": res["heads_total"][l, h].item(),
-             "direct_effect": res["heads_direct"][l, h].item()} for l in range(L) for h in range(H)]
+             "direct_effect": res["heads_direct"][l, h].item(),
+             "direct_effect_norm": res["heads_direct_norm"][l, h].item()} for l in range(L) for h in range(H)]
     rows += [{"node": node_name(l, None), "layer": l, "head": -1, "kind": "mlp",
               "total_effect": res["mlps_total"][l].item(),
-              "direct_effect": res["mlps_direct"][l].item()} for l in range(L)]
+              "direct_effect": res["mlps_direct"][l].item(),
+              "direct_effect_norm": res["mlps_direct_norm"][l].item()} for l in range(L)]
     frame = pd.DataFrame(rows)
     big = frame.total_effect.abs() >= 0.5 * frame.total_effect.abs().max()
     frame["indirect_flag"] = big & (frame.direct_effect.abs() < 0.3 * frame.total_effect.abs())

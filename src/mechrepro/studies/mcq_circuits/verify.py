@@ -10,7 +10,11 @@ gets five checks here, each a number written to ``verify.csv`` and ``metrics.jso
 2. **Direct ≈ total** (:func:`direct_total_check`): patching the head's output from the
    content-permuted prompt changes LD mostly through its own path:
    ``|direct − total| ≤ max_direct_gap × |total|``, with ``|total|`` at least ``min_total_share``
-   of the clean − corrupted LD (a head that does nothing is not "close").
+   of the clean − corrupted LD (a head that does nothing is not "close"). The direct effect
+   freezes the final norm's scale, as the paper's does (``direct_norm: frozen``); with
+   ``direct_norm: recomputed`` the norm is recomputed on the changed residual (every later node
+   still frozen). Both are in ``verify.csv``; in a small model whose few heads dominate the final
+   residual the two differ (the default organism: by about a third).
 3. **Label swap** (:func:`swap_prompts`, :func:`label_swap`): only the correct option's label is
    replaced by a letter outside the prompt. The model's prediction (over the options' answer
    tokens and the old letter's) must become the new letter, and the head's own direct logits
@@ -217,9 +221,12 @@ def key_position_r2(keys: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------- table and verdict
 def direct_total_check(patch: pd.DataFrame, clean_ld: float, corrupt_ld: float, th: dict) -> pd.Series:
-    """Per head (``patch`` indexed by node): whether its direct effect is close to its total effect."""
+    """Per head (``patch`` indexed by node): whether its direct effect is close to its total effect.
+    ``th["direct_norm"]``: ``frozen`` compares the paper's direct effect (final-norm scale frozen),
+    ``recomputed`` the direct path with the final norm recomputed (``direct_effect_norm``)."""
     heads = patch[patch.kind == "head"]
-    gap = (heads.direct_effect - heads.total_effect).abs()
+    direct = heads.direct_effect_norm if th["direct_norm"] == "recomputed" else heads.direct_effect
+    gap = (direct - heads.total_effect).abs()
     big = heads.total_effect.abs() >= th["min_total_share"] * abs(clean_ld - corrupt_ld)
     return big & (gap <= th["max_direct_gap"] * heads.total_effect.abs())
 
@@ -240,6 +247,7 @@ def verify_table(names: list[str], att: dict[str, Tensor], patch: pd.DataFrame, 
             row[f"pass_attention_{s}"] = bool(la >= th["min_label_attention"] and cs >= th["min_correct_share"])
         row["total_effect"] = float(patch.loc[node, "total_effect"])
         row["direct_effect"] = float(patch.loc[node, "direct_effect"])
+        row["direct_effect_norm"] = float(patch.loc[node, "direct_effect_norm"])
         row["pass_direct_total"] = bool(close.get(node, False))
         row["swap_model"] = float(swap["model"]) if swap else nan
         row["swap_head"] = swap["heads"].flatten()[i].item() if swap else nan
