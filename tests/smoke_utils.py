@@ -37,8 +37,9 @@ SKIP = {".git", ".venv", "results", "resources", "figures", "logs", ".snakemake"
 # Directories holding what a run makes (compared between runs); logs and timings are not compared.
 OUTPUT_DIRS = ("results", "figures", "resources")
 NOT_COMPARED = ("results/benchmarks/",)
-# Keys of JSON artifacts that hold wall-clock measurements (different in every run by nature).
-VOLATILE_KEYS = {"timings"}
+# Keys of JSON artifacts that hold wall-clock measurements (different in every run by nature): timings, and
+# the seconds of each evaluation in the organism's training history (its training-time curve).
+VOLATILE_KEYS = {"timings", "seconds"}
 
 
 def env(work: Path | None = None) -> dict:

@@ -114,11 +114,12 @@ def plot_accuracy(data: pd.DataFrame, curve: pd.DataFrame | None = None):
     ax2.set_ylabel("loss (cross-entropy over the options)")
     ax2.legend(fontsize=7)
     if with_curve:
-        x_col = "seconds" if curve.seconds.notna().all() else "step"
+        # against the step, not the seconds: a figure must not change with the machine's speed (the
+        # seconds of every evaluation are in organism.json's history)
         for s, g in curve.groupby("label_set", sort=False):
-            axes[2].plot(g[x_col], g.accuracy, marker=".", label=LABEL_SET_NAMES.get(s, s))
+            axes[2].plot(g.step, g.accuracy, marker=".", label=LABEL_SET_NAMES.get(s, s))
         axes[2].axhline(0.25, color="k", ls="--", lw=0.8)
-        axes[2].set_xlabel("seconds of training" if x_col == "seconds" else "training step")
+        axes[2].set_xlabel("training step (seconds per step: organism.json history)")
         axes[2].set_ylabel("held-out accuracy")
         axes[2].set_ylim(0, 1.05)
         axes[2].set_title("organism training curve", fontsize=9)
