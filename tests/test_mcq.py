@@ -72,6 +72,12 @@ def test_any_letters_draw_a_to_z_but_never_the_normal_letters_in_any_order():
     assert seen == set(string.ascii_uppercase)
 
 
+def test_label_sets_drawn_from_the_training_letters_count_as_seen():
+    assert mcq.seen_label_sets(["any_letters", "abcd", "any_letters"]) == [
+        "any_letters", "abcd", "random_letters", "other_letters"]
+    assert mcq.seen_label_sets(["abcd", "random_letters"]) == ["abcd", "random_letters"]
+
+
 def test_content_permuted_moves_the_correct_content():
     it = mcq.MCQItem("Which of these is a fruit?", ["dog", "apple", "red", "car"], 1)
     for shift in (1, 2, 3):

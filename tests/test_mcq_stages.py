@@ -36,6 +36,11 @@ def _snk(rule: str, config: dict, tmp: Path, inputs: dict, outputs: dict, wildca
                            wildcards=SimpleNamespace(**(wildcards or {})), log=[str(tmp / f"{rule}.log")], threads=1)
 
 
+def _organism_cfg(**over) -> dict:
+    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
+    return cfg | over
+
+
 @pytest.fixture(scope="module")
 def smoke_config():
     cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
@@ -44,8 +49,7 @@ def smoke_config():
 
 
 def test_organism_trains_saves_and_loads_like_any_model(tmp_path, tokenizer, one_thread):
-    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
-    cfg.update(steps=4, eval_every=2, n_eval=8)
+    cfg = _organism_cfg(steps=4, eval_every=2, n_eval=8)
     assert cfg["label_control"] is True
     org, summary = organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
     assert summary["steps_run"] == 4 and len(summary["train_tokens_sha256"]) == 64
@@ -80,11 +84,6 @@ def test_correctness_probe_reads_each_options_word_not_its_adjective(tokenizer):
     assert last.tolist() == [[c[-1] for c in p.content_pos]]
     assert [tokenizer.decode([p.tokens[i]]) for i in last[0].tolist()] == [" cat", " dog", " horse"]
     assert target.tolist() == [[False, True, False]]
-
-
-def _organism_cfg(**over) -> dict:
-    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
-    return cfg | over
 
 
 def test_first_stage_uses_its_label_sets_then_the_training_mix(tokenizer):
@@ -149,8 +148,7 @@ def test_training_stops_once_every_training_label_set_is_learned(tokenizer, monk
 
 
 def test_organism_below_the_gate_fails_with_the_measured_accuracy(tokenizer, one_thread):
-    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())["mcq"]["organism"])
-    cfg.update(steps=2, eval_every=2, n_eval=8, min_accuracy=0.99, label_control=False)  # the default, no control
+    cfg = _organism_cfg(steps=2, eval_every=2, n_eval=8, min_accuracy=0.99, label_control=False)  # without the control
     with pytest.raises(organism.OrganismTooWeakError, match=r"reached 0\.\d+ held-out accuracy .*min_accuracy = 0\.99"):
         organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0, progress=lambda s: None)
 

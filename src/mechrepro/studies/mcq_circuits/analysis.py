@@ -126,11 +126,11 @@ def _ld_direction(model: Transformer, answer_ids: Tensor, correct: Tensor) -> Te
 
 
 def _through_norm(model: Transformer, x: Tensor, scale: Tensor) -> Tensor:
-    """A component ``x [b, ..., d]`` through the final norm with frozen per-row ``scale [b]`` (no bias)."""
+    """A component ``x [b, ..., d]`` through the final norm with a frozen ``scale`` (no bias): one per
+    row ``[b]``, or one per vector ``[b, ...]``."""
     if model.spec.arch == "gpt2":
         x = x - x.mean(-1, keepdim=True)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    return x * scale.reshape(shape) * model.p("ln_final.w")
+    return x * scale.reshape(scale.shape + (1,) * (x.dim() - scale.dim())) * model.p("ln_final.w")
 
 
 def norm_scale(model: Transformer, resid: Tensor) -> Tensor:
@@ -229,11 +229,7 @@ def direct_norm_recomputed(model: Transformer, final: Tensor, delta: Tensor, u: 
     direction). The norm's bias does not depend on the residual and cancels."""
 
     def ld(x: Tensor) -> Tensor:  # [b, ..., d] -> [b, ...]
-        scale = norm_scale(model, x)[..., None]
-        if model.spec.arch == "gpt2":
-            x = x - x.mean(-1, keepdim=True)
-        u_ = u.reshape(u.shape[0], *([1] * (x.dim() - 2)), u.shape[1])
-        return (x * scale * model.p("ln_final.w") * u_).sum(-1)
+        return torch.einsum("b...d,bd->b...", _through_norm(model, x, norm_scale(model, x)), u)
 
     expand = final.reshape(final.shape[0], *([1] * (delta.dim() - 2)), final.shape[1])
     return ld(expand + delta) - ld(expand)

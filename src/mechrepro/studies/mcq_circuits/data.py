@@ -53,6 +53,8 @@ ANSWER = "Answer:"
 LABEL_SETS = ("abcd", "random_letters", "other_letters", "numbers", "shuffled", "separator", "no_prelude",
               "any_letters")
 ABCD = ("A", "B", "C", "D")
+# Label sets whose letters another label set draws from: training on the key sees them too.
+DRAWN_FROM = {"any_letters": ("random_letters", "other_letters")}
 
 # Word categories of the synthetic task (common words, single GPT-2 tokens with a leading space).
 CATEGORIES: dict[str, list[str]] = {
@@ -146,6 +148,15 @@ def label_set(name: str, n_options: int, rng: random.Random) -> LabelSet:
     while perm == normal:
         rng.shuffle(perm)
     return LabelSet(name, perm)
+
+
+def seen_label_sets(trained: list[str]) -> list[str]:
+    """The label sets a model trained on ``trained`` has seen: those, and the sets drawn from them
+    (:data:`DRAWN_FROM`)."""
+    seen = list(dict.fromkeys(trained))
+    for name in list(seen):
+        seen += [s for s in DRAWN_FROM.get(name, ()) if s not in seen]
+    return seen
 
 
 def synthetic_item(rng: random.Random, n_options: int = 4, tasks=TASKS, uid: str = "",
@@ -367,8 +378,8 @@ def evaluation_items(synthetic: bool, n_items: int, n_shots: int, seed: int, tas
     """The evaluated items, the few-shot examples (never evaluated) and a description of the source.
 
     ``synthetic``: ``n_items`` synthetic items of ``tasks`` (the organism's: the questions it was
-    trained on) from ``seed + 1`` (held-out questions; no shots). Otherwise ``n_shots + n_items`` MMLU test questions drawn from ``seed``, the first
-    ``n_shots`` as the examples.
+    trained on) from ``seed + 1`` (held-out questions; no shots). Otherwise ``n_shots + n_items``
+    MMLU test questions drawn from ``seed``, the first ``n_shots`` as the examples.
     """
     shots: list[MCQItem] = []
     if synthetic:

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechrepro.studies.mcq_circuits import data as mcq  # noqa: E402
 from mechrepro.workflow import figures  # noqa: E402
 from mechrepro.workflow.figures import add_caption, no_data, save, suptitle  # noqa: E402,F401
 
@@ -63,10 +64,7 @@ def caption(art: Artifacts, n: int | str | None = None, note: str = "") -> str:
 
 def _trained_sets(art: Artifacts) -> list[str]:
     """The label sets the organism was trained on (none for a pretrained model)."""
-    sets = list(dict.fromkeys((art.json("organism.json", default={}).get("config") or {}).get("train_label_sets", [])))
-    if "any_letters" in sets:  # random letters (E-Z) and ordered letters after D are drawn from any_letters too
-        sets += [s for s in ("random_letters", "other_letters") if s not in sets]
-    return sets
+    return mcq.seen_label_sets((art.json("organism.json", default={}).get("config") or {}).get("train_label_sets", []))
 
 
 # ------------------------------------------------------------------------------ accuracy table
