@@ -309,9 +309,10 @@ def plot_mutations(data: pd.DataFrame):
         if value == "accuracy":
             ax.axhline(0.25, color="k", ls="--", lw=0.8)
             ax.set_ylim(0, 1.05)
-    # one legend under both panels: inside an axis it hid the tallest bars
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    # one legend above both panels: inside an axis it hid the tallest bars, under them the caption
     suptitle(fig, f"Label mutations with {data['head'].iloc[0]} full, low-rank or mean-ablated "
                   "(paper Figure 11; * = label set seen in training)")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=3,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.89))
     return fig
