@@ -35,7 +35,8 @@ def test_metrics_contract(smoke):
     # the full head on normal labels is the model itself on the items it answers correctly
     assert m["mutations"]["abcd"]["full"] == 1.0
     # what the claims of reference/published.yaml read (the claims themselves are not in metrics.json)
-    assert "claims" not in m and set(m["low_rank_kept"]) == {"random_letters", "numbers"}
+    assert "claims" not in m and set(m["low_rank_kept"]) | set(m["low_rank_excluded"]) == {"random_letters", "numbers"}
+    assert not set(m["low_rank_kept"]) & set(m["low_rank_excluded"]) and set(m["low_rank_recovered"]) == set(m["low_rank_kept"])
     # the correct-letter checks: every head checked, the low-rank head counts only if it passed them all
     v = m["verification"]
     assert v["n_heads_passing"] == len(v["heads_passing"]) and set(v["thresholds"]) >= {"min_swap", "min_key_r2"}

@@ -157,12 +157,18 @@ def _lr(full=1.0, r3=1.05, ablated=2.0, selection="correct-letter head with the 
 
 
 def test_claim_summaries():
-    muts = {"abcd": {"full": {"accuracy": 1.0}, "low_rank": {"accuracy": 1.0}},
-            "numbers": {"full": {"accuracy": 0.8}, "low_rank": {"accuracy": 0.4}},
-            "shuffled": {"full": {"accuracy": 0.0}, "low_rank": {"accuracy": 0.0}}}
-    assert M.low_rank_kept(muts) == {"numbers": 0.5, "shuffled": None}
-    # only label sets on which the full head is competent
-    assert M.low_rank_kept(muts, min_competence=0.9) == {"numbers": None, "shuffled": None}
+    acc = lambda full, low, abl: {"full": {"accuracy": full}, "low_rank": {"accuracy": low}, "ablated": {"accuracy": abl}}
+    muts = {"abcd": acc(1.0, 1.0, 0.5), "numbers": acc(0.8, 0.4, 0.2), "shuffled": acc(0.0, 0.0, 0.0),
+            "separator": acc(0.9, 0.9, 0.88)}
+    kept, recovered, excluded = M.low_rank_counted(muts)
+    assert kept == {"numbers": 0.5, "separator": 1.0} and set(excluded) == {"shuffled"}
+    assert recovered == pytest.approx({"numbers": 1 / 3, "separator": 1.0})  # (0.4 - 0.2) / (0.8 - 0.2)
+    # only label sets on which the full head is competent ...
+    kept, _, excluded = M.low_rank_counted(muts, min_competence=0.85)
+    assert kept == {"separator": 1.0} and "below 0.85" in excluded["numbers"]
+    # ... and on which the model uses the head (mean-ablating it costs at least min_head_effect)
+    kept, _, excluded = M.low_rank_counted(muts, min_competence=0.8, min_head_effect=0.05)
+    assert kept == {"numbers": 0.5} and "costs 0.020" in excluded["separator"] and set(excluded) == {"shuffled", "separator"}
     keys = pd.DataFrame({"label_set": ["abcd"] * 4 + ["numbers"] * 4, "position": [1, 2, 1, 2] * 2,
                          "pc1": [1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0], "pc2": [0.0] * 8, "pc3": [0.0] * 8})
     assert M.key_position_r2(keys) == {"abcd": 1.0, "numbers": 0.0}  # keys by position / unrelated to it
@@ -190,7 +196,7 @@ def test_study_metrics_reads_the_tables():
     m = M.study_metrics(manifest, {"heldout": 0.9, "other": 1}, {"abcd": {"accuracy": 0.8, "loss": 0.3}}, muts, dla,
                         patch.set_index("node"), heads.set_index("node"), {**_lr(), "verified": True},
                         {"n": 5, "ld": 2.0, "top_k_share_abs": 0.7, "share_by_k": {"1": 0.6, "2": 0.9}}, 8, 2,
-                        verify.set_index("node"), vsum, 0.8)
+                        verify.set_index("node"), vsum, 0.8, 0.05)
     assert m["verification"]["heads_passing"] == ["L0H1"] and m["verification"]["checks_passed"] == {"label_swap": 1}
     assert m["verification"]["heads"]["L0H1"] == {"passes": True, "swap_head": None}  # NaN: null in JSON
     assert [t["node"] for t in m["top_nodes"]] == ["L0H1", "MLP0"]  # embed is not a node
@@ -201,11 +207,12 @@ def test_study_metrics_reads_the_tables():
     assert m["n_analysis"] == 5 and "claims" not in m  # the claims are data (reference/published.yaml)
     assert m["low_rank"]["correct_letter_head"] is True and m["patching"] == {"n_flagged": 1, "flagged": ["MLP0"]}
     assert m["head_categories"]["correct-letter"] == 1 and m["low_rank_kept"] == {}
+    assert m["low_rank_excluded"] == {} and m["min_head_effect"] == 0.05
     # a head that only has the attention pattern is not a correct-letter head for the claims
     m = M.study_metrics(manifest, {"trained": False}, {"abcd": {"accuracy": 0.8, "loss": 0.3}}, muts, dla,
                         patch.set_index("node"), heads.set_index("node"), _lr(),
                         {"n": 5, "ld": 2.0, "top_k_share_abs": 0.7, "share_by_k": {"1": 0.6, "2": 0.9}}, 8, 2,
-                        verify.set_index("node"), vsum, 0.8)
+                        verify.set_index("node"), vsum, 0.8, 0.05)
     assert m["low_rank"]["correct_letter_head"] is False and m["organism"] == {}
 
 

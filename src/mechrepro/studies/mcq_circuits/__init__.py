@@ -70,7 +70,7 @@ STUDY = Study(
         "mcq_verify": ["seed", "model.device", "model.dtype", "mcq.batch_size", "mcq.verify"],
         "mcq_low_rank": ["model.device", "model.dtype", "mcq.batch_size", "mcq.n_analysis", "mcq.low_rank"],
         "mcq_mutations": ["model.device", "model.dtype", "mcq.batch_size"],
-        "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets", "mcq.min_competence"],
+        "mcq_metrics": ["mcq.model", "mcq.n_items", "mcq.top_k", "mcq.label_sets", "mcq.min_competence", "mcq.min_head_effect"],
     },
     figures=FIGURES,
     scorecard=["study_c"],

@@ -28,7 +28,7 @@ The analyses work on one padded batch; here they run over batches of prompts (ma
 :func:`study_metrics` gathers ``metrics.json``, with what the claims read: the head categories
 (:func:`category_counts`), the flagged nodes, whether the low-rank head is a correct-letter head,
 how its keys cluster by position (:func:`key_position_r2`) and what it keeps of the full head's
-accuracy on each mutated label set (:func:`low_rank_kept`).
+accuracy on each mutated label set where the comparison means something (:func:`low_rank_counted`).
 """
 
 from __future__ import annotations
@@ -359,13 +359,30 @@ def key_position_r2(keys: pd.DataFrame) -> dict[str, float | None]:
     return out
 
 
-def low_rank_kept(muts: dict[str, dict], min_competence: float = 0.0) -> dict[str, float | None]:
-    """Per mutated label set (not ``abcd``): the low-rank head's accuracy as a fraction of the full
-    head's (the paper's Figure 11 comparison); None where the full head is not competent (accuracy
-    below ``min_competence``, or 0)."""
-    return {k: (m["low_rank"]["accuracy"] / m["full"]["accuracy"]
-                if m["full"]["accuracy"] > 0 and m["full"]["accuracy"] >= min_competence else None)
-            for k, m in muts.items() if k != "abcd"}
+def low_rank_counted(muts: dict[str, dict], min_competence: float = 0.0,
+                     min_head_effect: float = 0.0) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Per mutated label set (not ``abcd``), the paper's Figure 11 comparison, on the sets where it
+    can say something: ``(kept, recovered, excluded)``.
+
+    * ``kept``: the low-rank head's accuracy as a fraction of the full head's;
+    * ``recovered``: the part of what mean-ablating the head costs that the low-rank head gives back,
+      (low rank − ablated) / (full − ablated);
+    * ``excluded``: why a set does not count, when the full head is not competent on it (accuracy
+      below ``min_competence``, or 0), or mean-ablating the head costs less than ``min_head_effect``
+      of accuracy (the model does not use the head there, so low rank and full cannot differ
+      because of it)."""
+    kept, recovered, excluded = {}, {}, {}
+    for k, m in muts.items():
+        if k == "abcd":
+            continue
+        full, low, abl = (m[s]["accuracy"] for s in ("full", "low_rank", "ablated"))
+        if full <= 0 or full < min_competence:
+            excluded[k] = f"the full head's accuracy {full:.3f} is below {min_competence}"
+        elif full - abl <= 0 or full - abl < min_head_effect:
+            excluded[k] = f"mean-ablating the head costs {full - abl:.3f} of accuracy (needs {min_head_effect})"
+        else:
+            kept[k], recovered[k] = low / full, (low - abl) / (full - abl)
+    return kept, recovered, excluded
 
 
 def category_counts(heads: pd.DataFrame) -> dict[str, int]:
@@ -398,7 +415,8 @@ def verification(verify: pd.DataFrame, summary: dict, top: list[str]) -> dict:
 
 def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: dict[str, dict], dla: pd.DataFrame,
                   patch: pd.DataFrame, heads: pd.DataFrame, lr: dict, dla_summary: dict, n_items: int,
-                  top_k: int, verify: pd.DataFrame, verify_summary: dict, min_competence: float) -> dict:
+                  top_k: int, verify: pd.DataFrame, verify_summary: dict, min_competence: float,
+                  min_head_effect: float) -> dict:
     """``metrics.json`` of Study C from every analysis' artifacts (tables indexed by node)."""
     n_nodes = len(dla[dla.kind.isin(["head", "mlp"])])
     k10 = max(1, round(0.1 * n_nodes))  # the top 10 % of the heads and MLPs
@@ -426,6 +444,8 @@ def study_metrics(manifest: dict, training: dict, acc: dict[str, dict], muts: di
                      "key_position_r2": lr.get("key_position_r2")},
         "mutations": {k: {s: m[s]["accuracy"] for s in ("full", "low_rank", "ablated")} for k, m in muts.items()},
         "mutation_rank": next(iter(muts.values()))["rank"] if muts else None,
-        "min_competence": min_competence,
-        "low_rank_kept": low_rank_kept(muts, min_competence),
+        "min_competence": min_competence, "min_head_effect": min_head_effect,
+        # only the mutated sets that count (low_rank_counted); the claims read low_rank_kept
+        **dict(zip(("low_rank_kept", "low_rank_recovered", "low_rank_excluded"),
+                   low_rank_counted(muts, min_competence, min_head_effect))),
     }

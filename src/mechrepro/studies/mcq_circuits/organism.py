@@ -2,7 +2,7 @@
 
 The embedded default model (SmolLM2-135M) answers A/B/C/D questions at chance, and the paper's
 model (Chinchilla 70B) is closed, so the default run trains its own subject: a Llama-style
-decoder (RMSNorm, rotary positions, SwiGLU MLP; 4 layers, d_model 256, 8 heads each with its own
+decoder (RMSNorm, rotary positions, SwiGLU MLP; 4 layers, d_model 256, 4 heads each with its own
 keys and values) with the real GPT-2 BPE tokenizer, on the synthetic questions of
 :mod:`mechrepro.studies.mcq_circuits.data`. It is trained with the project's own forward pass
 (:class:`mechrepro.core.model.Transformer`, whose weights :meth:`~mechrepro.core.model.Transformer.trainable`
@@ -81,6 +81,14 @@ Training details:
   any order, so ABCD itself and shuffled ABCD stay what they were (seen and unseen). With random
   letters from E-Z only, the heads copied E-Z but not A-D (OV check 22/26 letters: A-D appear only
   in ABCD prompts, where the list index alone gives the answer).
+* **Four heads per layer** (``n_heads``, d_head 64). With 8 heads (d_head 32, same recipe, 1,400
+  steps) seven last-layer heads attended to the correct label and copied it, each carrying a
+  seventh of the answer: none passed the direct-vs-total check (:mod:`~mechrepro.studies.mcq_circuits.verify`).
+  Their frozen-norm direct effects were 1.5-1.6× their total effects, because when one of seven
+  aligned writers is patched to another letter the residual's norm drops and the final norm scales
+  the other six back up (with the norm recomputed, direct and total agreed within 10%), and the
+  largest total effect (1.68) was below a tenth of the clean − corrupted logit difference. With
+  four heads, one last-layer head carries most of the letter and passes every check (seeds 0 and 1).
 * Only the embedding / unembedding rows of the tokens the generator uses are trained (embedding
   and unembedding untied; the trained input rows start at unit scale, ``embed_std``). The rest of
   the GPT-2 vocabulary keeps a seeded random initialisation and is never produced.

@@ -279,5 +279,6 @@ def mcq_metrics(snk) -> None:
     dla_summary = art.read_json(snk.input.dla_json)
     verify = pd.read_csv(snk.input.verify).set_index("node")
     metrics = M.study_metrics(manifest, training, acc, muts, dla, patch, heads, lr, dla_summary, cfg["n_items"],
-                              cfg["top_k"], verify, art.read_json(snk.input.verify_json), cfg["min_competence"])
+                              cfg["top_k"], verify, art.read_json(snk.input.verify_json), cfg["min_competence"],
+                              cfg["min_head_effect"])
     art.save_json(snk.output[0], metrics, stage.prov(snk, manifest))
