@@ -226,3 +226,14 @@ def test_evaluation_items_and_their_corrupted_prompts(tokenizer):
         assert c.correct == (it.correct + shift) % 4 and c.labels == p.labels == list("ABCD")
         assert c.text != p.text and len(c.label_pos) == 4
     assert {(c.correct - p.correct) % 4 for c, p in zip(corrupt, clean)} == {1, 2, 3}  # every shift occurs
+
+
+def test_figure11_caption_says_which_sets_the_claims_count():
+    from types import SimpleNamespace
+
+    from mechrepro.studies.mcq_circuits import plotting
+    art = SimpleNamespace(metrics={"low_rank_kept": {"shuffled": 0.99},
+                                   "low_rank_excluded": {"numbers": "mean-ablating the head costs 0.000 of accuracy"}})
+    note = plotting.mutations_note(art)
+    assert note.startswith("The low-rank claims count shuffled ABCD; not numbers 1-4: mean-ablating")
+    assert plotting.mutations_note(SimpleNamespace(metrics={})) == "The low-rank claims count no mutated set."

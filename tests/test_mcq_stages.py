@@ -73,6 +73,17 @@ def test_organism_trains_saves_and_loads_like_any_model(tmp_path, tokenizer, one
     assert all(torch.equal(a, b) for a, b in zip(org.model.state_dict().values(), org2.model.state_dict().values()))
 
 
+def test_training_uses_deterministic_kernels_and_restores_the_setting(tokenizer, one_thread):
+    # with two threads the default organism's weights differed between two runs of one seed
+    # after 40 steps; deterministic kernels made them identical (docs/results.md, Study C)
+    seen = []
+    cfg = _organism_cfg(steps=2, eval_every=1, n_eval=4)
+    assert not torch.are_deterministic_algorithms_enabled()
+    organism.train(cfg, tokenizer, tokenizer.bos_token_id, seed=0,
+                   progress=lambda s: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
 def test_correctness_probe_reads_each_options_word_not_its_adjective(tokenizer):
     # an adjective comes before its option's word, so under causal attention it cannot know
     # whether its option is correct: the probe reads the last content token of each option only

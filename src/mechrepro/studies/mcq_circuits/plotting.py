@@ -294,6 +294,17 @@ def mutations_data(art: Artifacts) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mutations_note(art: Artifacts) -> str:
+    """Which mutated label sets the low-rank claims count, and why the others do not (``metrics.json``)."""
+    m = art.metrics
+    kept, excluded = m.get("low_rank_kept") or {}, m.get("low_rank_excluded") or {}
+    name = lambda s: LABEL_SET_NAMES.get(s, s)  # noqa: E731
+    note = "The low-rank claims count " + (", ".join(name(s) for s in kept) or "no mutated set")
+    if excluded:
+        note += "; not " + "; ".join(f"{name(s)}: {why}" for s, why in excluded.items())
+    return note + "."
+
+
 def plot_mutations(data: pd.DataFrame):
     sets = list(dict.fromkeys(data.label_set))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
