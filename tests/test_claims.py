@@ -74,7 +74,8 @@ def test_verdicts():
 def test_requires_and_missing_metrics_make_a_claim_untestable_never_true():
     hi = ["variants.double_io.faithfulness", ">", 1.05]
     v = C.verdict(claim(hi, requires=["variants.base.accuracy", ">=", 0.99]), METRICS)
-    assert v.verdict == C.UNTESTABLE and "cannot do the task" in v.reason
+    assert v.verdict == C.UNTESTABLE and "not testable on this model" in v.reason
+    assert "(variants.base.accuracy >= 0.99)" in v.reason  # the requirement that failed
     # a missing value anywhere in a test (even beside a part that holds) is untestable, not true
     for test in (["low_rank.loss", "<", 1], {"any": [hi, ["low_rank.loss", "<", 1]]}, {"all": [hi, ["nope", ">", 0]]}):
         v = C.verdict(claim(test), METRICS)

@@ -186,8 +186,11 @@ def verdict(claim: dict, metrics: dict | None) -> Verdict:
     shown = {label: _shown(expr, metrics) for label, expr in (claim.get("show") or {}).items()}
     try:
         if "requires" in claim and not holds(claim["requires"], metrics):
-            return Verdict(claim, UNTESTABLE, "this model cannot do the task: its 'testable when' test does not hold",
-                           shown)
+            req = claim["requires"]
+            parts = req["all"] if isinstance(req, dict) and "all" in req else [req]
+            failed = "; ".join(render(t) for t in parts if not holds(t, metrics))
+            return Verdict(claim, UNTESTABLE, f"not testable on this model: its 'testable when' test ({failed}) does "
+                           "not hold", shown)
         if holds(claim["test"], metrics):
             return Verdict(claim, REPRODUCED, "the test holds", shown)
         if "partly" in claim and holds(claim["partly"], metrics):
