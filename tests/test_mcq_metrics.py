@@ -157,7 +157,9 @@ def _lr(full=1.0, r3=1.05, ablated=2.0, selection="correct-letter head with the 
 
 
 def test_claim_summaries():
-    acc = lambda full, low, abl: {"full": {"accuracy": full}, "low_rank": {"accuracy": low}, "ablated": {"accuracy": abl}}
+    def acc(full, low, abl):
+        return {"full": {"accuracy": full}, "low_rank": {"accuracy": low}, "ablated": {"accuracy": abl}}
+
     muts = {"abcd": acc(1.0, 1.0, 0.5), "numbers": acc(0.8, 0.4, 0.2), "shuffled": acc(0.0, 0.0, 0.0),
             "separator": acc(0.9, 0.9, 0.88)}
     kept, recovered, excluded = M.low_rank_counted(muts)
